@@ -1,0 +1,100 @@
+//! A tonic server with health and reflection (v1 and v1alpha) already mounted.
+
+use tonic::transport::server::Router;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcSetupError {
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A router carrying grpc.health.v1 and server reflection for `service_names` only (so
+/// `grpcurl list` on the loader does not advertise the generator), plus the health reporter.
+/// Every service starts NOT_SERVING; the caller flips it once it is ready.
+pub async fn base_router(service_names: &[&str]) -> Result<(Router, HealthReporter), GrpcSetupError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    for name in service_names {
+        reporter
+            .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+
+    let mut v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llama_agent_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    let mut v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llama_agent_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    for name in service_names {
+        v1 = v1.with_service_name(*name);
+        v1alpha = v1alpha.with_service_name(*name);
+    }
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(v1.build_v1()?)
+        .add_service(v1alpha.build_v1alpha()?);
+    Ok((router, reporter))
+}
+
+/// Marks the whole server and each named service SERVING.
+pub async fn set_serving(reporter: &HealthReporter, service_names: &[&str]) {
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    for name in service_names {
+        reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+}
+
+/// Serves `router` on a bound listener until `shutdown` resolves.
+pub async fn serve_tcp(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Byte buffer of each in-process connection: large enough that an embedding batch moves in
+/// a few writes.
+const IN_PROCESS_BUFFER: usize = 1 << 20;
+
+/// Serves `router` inside this process and returns a channel to it: the CLI's no-server mode
+/// runs exactly the code a remote client reaches, over in-memory pipes instead of TCP.
+pub fn in_process(router: Router) -> tonic::transport::Channel {
+    // Connections are opened once and again only after a failure: a few slots suffice.
+    let (tx, rx) = tokio::sync::mpsc::channel::<tokio::io::DuplexStream>(4);
+    tokio::spawn(async move {
+        let incoming = futures::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<_, std::io::Error>,
+        );
+        if let Err(e) = router.serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "in-process server stopped");
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://in-process.invalid").connect_with_connector_lazy(
+        tower::service_fn(move |_: http::Uri| {
+            let tx = tx.clone();
+            async move {
+                let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
+                tx.send(server)
+                    .await
+                    .map_err(|_| std::io::Error::other("in-process server stopped"))?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(client))
+            }
+        }),
+    )
+}

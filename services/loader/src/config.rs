@@ -1,0 +1,150 @@
+//! Loader settings: flags with environment fallbacks, shared by `llama-loader` and the CLI's
+//! in-process mode. Validated before anything binds or touches disk.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::LoaderError;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoaderConfig {
+    /// Model cache directory (default ~/.cache/llama-loader).
+    #[arg(long, env = "LLAMA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Cache size cap in bytes (suffixes K, M, G, T and KiB, MiB, GiB, TiB accepted).
+    #[arg(long, env = "LLAMA_CACHE_MAX_SIZE", default_value = "50000000000", value_parser = parse_size)]
+    pub cache_max_size: u64,
+
+    /// Hugging Face Hub endpoint (a mirror works too).
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
+
+    /// Hub token for private or gated repos. Never logged.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<Secret>,
+
+    /// Attempts per file before a download fails (each resumes where the last stopped).
+    #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_ATTEMPTS", default_value_t = 8)]
+    pub download_attempts: u32,
+
+    /// Seconds without a byte before a transfer is dropped and resumed.
+    #[arg(long, env = "LLAMA_LOADER_STALL_TIMEOUT", default_value_t = 30)]
+    pub stall_timeout_secs: u64,
+
+    /// Allow references to local paths (copied into the cache). Turn off on shared servers.
+    #[arg(long, env = "LLAMA_LOADER_LOCAL_IMPORT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub local_import: bool,
+}
+
+/// A string that never shows in logs or debug output.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl LoaderConfig {
+    /// Settings for tests and embedding: a cache dir and a hub endpoint, defaults elsewhere.
+    pub fn new(cache_dir: PathBuf, hf_endpoint: impl Into<String>) -> Self {
+        Self {
+            cache_dir: Some(cache_dir),
+            cache_max_size: 50_000_000_000,
+            hf_endpoint: hf_endpoint.into(),
+            hf_token: None,
+            download_attempts: 8,
+            stall_timeout_secs: 30,
+            local_import: true,
+        }
+    }
+
+    pub fn resolved_cache_dir(&self) -> Result<PathBuf, LoaderError> {
+        match &self.cache_dir {
+            Some(d) => Ok(d.clone()),
+            None => default_cache_dir(),
+        }
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout_secs)
+    }
+
+    pub fn validate(&self) -> Result<(), LoaderError> {
+        let bad = |m: String| Err(LoaderError::InvalidArgument(m));
+        if self.cache_max_size == 0 {
+            return bad("--cache-max-size must be greater than 0".into());
+        }
+        if !(self.hf_endpoint.starts_with("http://") || self.hf_endpoint.starts_with("https://")) {
+            return bad(format!(
+                "--hf-endpoint '{}' must be an http:// or https:// URL",
+                self.hf_endpoint
+            ));
+        }
+        if self.download_attempts == 0 {
+            return bad("--download-attempts must be at least 1".into());
+        }
+        if self.stall_timeout_secs == 0 {
+            return bad("--stall-timeout-secs must be at least 1".into());
+        }
+        self.resolved_cache_dir().map(|_| ())
+    }
+}
+
+/// `~/.cache/llama-loader`, what `llama-cli cache-dir` prints when LLAMA_CACHE_DIR is unset.
+pub fn default_cache_dir() -> Result<PathBuf, LoaderError> {
+    let home = std::env::var_os("HOME").ok_or_else(|| {
+        LoaderError::InvalidArgument("HOME is not set; give --cache-dir or LLAMA_CACHE_DIR".into())
+    })?;
+    Ok(PathBuf::from(home).join(".cache").join("llama-loader"))
+}
+
+/// `107374182400`, `100G`, `100GB` (decimal) or `100GiB` (binary).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 50000000000, 50G, 48GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        "TIB" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' in '{s}'")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("107374182400"), Ok(107_374_182_400));
+        assert_eq!(parse_size("50G"), Ok(50_000_000_000));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5 MB"), Ok(1_500_000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! llama-agent's loader: owns the model volume. Resolves model references against the
+//! Hugging Face Hub (or a mirror), downloads resumably with MD5 in the same pass, publishes
+//! atomically, evicts least recently used models under a size cap, and pins leased ones.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod hub;
+pub mod loader;
+pub mod reference;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::LoaderConfig;
+pub use error::LoaderError;
+pub use loader::Loader;
+use llama_agent_proto::loader::v1::loader_service_server::{LoaderServiceServer, SERVICE_NAME};
+
+/// How often last-used times reach the manifest; a crash loses at most this much LRU history.
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The loader's router (health, reflection, LoaderService), SERVING once the cache is open.
+async fn build(
+    config: &LoaderConfig,
+) -> Result<(tonic::transport::server::Router, Arc<Loader>), ServeError> {
+    let loader = Loader::new(config)?;
+    let (router, health) = llama_agent_common::grpc::base_router(&[SERVICE_NAME]).await?;
+    let router = router.add_service(LoaderServiceServer::new(service::LoaderGrpc::new(
+        Arc::clone(&loader),
+    )));
+    llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
+    Ok((router, loader))
+}
+
+fn spawn_flusher(loader: &Arc<Loader>) -> tokio::task::JoinHandle<()> {
+    let loader = Arc::clone(loader);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = loader.cache().flush() {
+                tracing::warn!(error = %e, "writing last-used times");
+            }
+        }
+    })
+}
+
+/// Serves the loader on `listener` until `shutdown` resolves. `main` and the tests call this.
+pub async fn run(
+    config: LoaderConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (router, loader) = build(&config).await?;
+    let flusher = spawn_flusher(&loader);
+    tracing::info!(addr = ?listener.local_addr().ok(), cache = %loader.cache().root().display(), "loader serving");
+    let served = llama_agent_common::grpc::serve_tcp(router, listener, shutdown).await;
+    flusher.abort();
+    loader.cache().flush()?;
+    Ok(served?)
+}
+
+/// The loader inside this process, reached through a channel that speaks the same gRPC.
+pub async fn in_process(config: &LoaderConfig) -> Result<tonic::transport::Channel, ServeError> {
+    let (router, loader) = build(config).await?;
+    spawn_flusher(&loader);
+    Ok(llama_agent_common::grpc::in_process(router))
+}

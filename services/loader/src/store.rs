@@ -1,0 +1,147 @@
+//! The cache manifest on disk: JSON replaced by write → fsync → rename → fsync(dir), so a
+//! kill -9 at any moment leaves either the old manifest or the new one, never a torn one.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LoaderError, Result};
+
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    /// By entry key: `owner/repo/file.gguf@revision` or `local:/abs/path.gguf`.
+    pub entries: BTreeMap<String, Entry>,
+    /// Canonical request reference → entry key (`owner/repo@main` → the file it picked), so a
+    /// cache hit needs no hub round trip.
+    pub aliases: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    pub source: Source,
+    /// Directory of the files, relative to the cache root.
+    pub dir: String,
+    /// The primary file first (the first shard of a split model).
+    pub files: Vec<FileRecord>,
+    pub created_ms: i64,
+    pub last_used_ms: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    Hub {
+        repo: String,
+        revision: String,
+        commit: String,
+    },
+    Local {
+        path: PathBuf,
+        size: u64,
+        mtime_ns: i128,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub name: String,
+    pub size: u64,
+    pub md5: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// mtime when the MD5 was last known good: a change triggers a re-hash.
+    pub mtime_ns: i128,
+}
+
+impl Entry {
+    pub fn size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    pub fn file_path(&self, root: &Path, file: &FileRecord) -> PathBuf {
+        root.join(&self.dir).join(&file.name)
+    }
+}
+
+pub struct ManifestStore {
+    path: PathBuf,
+}
+
+impl ManifestStore {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            path: root.join("manifest.json"),
+        }
+    }
+
+    /// A missing manifest is an empty cache. An unreadable one is set aside (never deleted) and
+    /// the cache starts empty; files it described are then orphans and get cleaned.
+    pub fn load(&self) -> Result<Manifest> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Manifest {
+                    version: MANIFEST_VERSION,
+                    ..Default::default()
+                })
+            }
+            Err(e) => return Err(LoaderError::io(&self.path, e)),
+        };
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(m) if m.version == MANIFEST_VERSION => Ok(m),
+            Ok(m) => Err(LoaderError::Manifest(format!(
+                "{} has version {}, this loader reads {MANIFEST_VERSION}",
+                self.path.display(),
+                m.version
+            ))),
+            Err(e) => {
+                let aside = self.path.with_extension(format!("corrupt-{}", crate::now_ms()));
+                tracing::error!(error = %e, aside = %aside.display(), "manifest unreadable; starting with an empty cache");
+                std::fs::rename(&self.path, &aside).map_err(|e| LoaderError::io(&self.path, e))?;
+                Ok(Manifest {
+                    version: MANIFEST_VERSION,
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
+    pub fn save(&self, manifest: &Manifest) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| LoaderError::Manifest(e.to_string()))?;
+        write_atomic(&self.path, &bytes)
+    }
+}
+
+/// Replaces `path` with `bytes` atomically and durably.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let io = |e| LoaderError::io(path, e);
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LoaderError::io(dir, e))
+}
+
+pub fn mtime_ns(md: &std::fs::Metadata) -> i128 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128)
+}
