@@ -13,7 +13,9 @@ pub enum GrpcSetupError {
 /// A router carrying grpc.health.v1 and server reflection for `service_names` only (so
 /// `grpcurl list` on the loader does not advertise the generator), plus the health reporter.
 /// Every service starts NOT_SERVING; the caller flips it once it is ready.
-pub async fn base_router(service_names: &[&str]) -> Result<(Router, HealthReporter), GrpcSetupError> {
+pub async fn base_router(
+    service_names: &[&str],
+) -> Result<(Router, HealthReporter), GrpcSetupError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -85,8 +87,8 @@ pub fn in_process(router: Router) -> tonic::transport::Channel {
             tracing::error!(error = %e, "in-process server stopped");
         }
     });
-    tonic::transport::Endpoint::from_static("http://in-process.invalid").connect_with_connector_lazy(
-        tower::service_fn(move |_: http::Uri| {
+    tonic::transport::Endpoint::from_static("http://in-process.invalid")
+        .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
             let tx = tx.clone();
             async move {
                 let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
@@ -95,6 +97,5 @@ pub fn in_process(router: Router) -> tonic::transport::Channel {
                     .map_err(|_| std::io::Error::other("in-process server stopped"))?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(client))
             }
-        }),
-    )
+        }))
 }

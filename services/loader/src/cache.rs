@@ -170,7 +170,9 @@ impl Cache {
         if st.manifest.aliases.get(alias).map(String::as_str) == Some(key) {
             return Ok(());
         }
-        st.manifest.aliases.insert(alias.to_string(), key.to_string());
+        st.manifest
+            .aliases
+            .insert(alias.to_string(), key.to_string());
         self.store.save(&st.manifest)?;
         st.dirty = false;
         Ok(())
@@ -283,7 +285,11 @@ impl Cache {
         let lease = LeaseRec {
             id: uuid::Uuid::new_v4().to_string(),
             key: key.to_string(),
-            holder: if holder.is_empty() { "anonymous".into() } else { holder.to_string() },
+            holder: if holder.is_empty() {
+                "anonymous".into()
+            } else {
+                holder.to_string()
+            },
             expires_ms: now_ms() + i64::from(ttl) * 1000,
         };
         st.leases.insert(lease.id.clone(), lease.clone());
@@ -319,7 +325,12 @@ impl Cache {
             .entries
             .values()
             .map(|e| {
-                let leases = st.leases.values().filter(|l| l.key == e.key).cloned().collect();
+                let leases = st
+                    .leases
+                    .values()
+                    .filter(|l| l.key == e.key)
+                    .cloned()
+                    .collect();
                 (e.clone(), leases)
             })
             .collect();
@@ -335,7 +346,10 @@ impl Cache {
             bytes_used: st.manifest.entries.values().map(Entry::size).sum(),
             entries: st.manifest.entries.len(),
             leased_entries: leased.len(),
-            partial_bytes: list_parts(&self.root.join("tmp")).iter().map(|(_, n)| n).sum(),
+            partial_bytes: list_parts(&self.root.join("tmp"))
+                .iter()
+                .map(|(_, n)| n)
+                .sum(),
         }
     }
 
@@ -418,8 +432,7 @@ fn remove_stale_tmp(tmp: &Path) {
     for p in rd.filter_map(|d| d.ok()).map(|d| d.path()) {
         let keep = p.extension().is_some_and(|x| x == "part")
             && crate::fetch::meta_path(&p).is_file()
-            || p.to_string_lossy().ends_with(".part.json")
-                && p.with_extension("").is_file();
+            || p.to_string_lossy().ends_with(".part.json") && p.with_extension("").is_file();
         if !keep {
             let _ = std::fs::remove_file(&p);
         }

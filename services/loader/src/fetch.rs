@@ -114,7 +114,17 @@ pub async fn fetch(
             tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
         }
         attempts += 1;
-        match transfer(client, remote, &mut offset, &tx, opts, resume_from, on_progress).await {
+        match transfer(
+            client,
+            remote,
+            &mut offset,
+            &tx,
+            opts,
+            resume_from,
+            on_progress,
+        )
+        .await
+        {
             Ok(Transfer::Complete) => break Ok(()),
             Ok(Transfer::Retry(why)) => last_error = why,
             Err(e) => break Err(e),
@@ -216,12 +226,21 @@ async fn transfer(
     let mut body = response.bytes_stream();
     loop {
         let next = match tokio::time::timeout(opts.stall_timeout, body.next()).await {
-            Err(_) => return Ok(Transfer::Retry(format!("stalled for {:?}", opts.stall_timeout))),
+            Err(_) => {
+                return Ok(Transfer::Retry(format!(
+                    "stalled for {:?}",
+                    opts.stall_timeout
+                )))
+            }
             Ok(n) => n,
         };
         match next {
             None if remote.size == 0 || *offset == remote.size => return Ok(Transfer::Complete),
-            None => return Ok(Transfer::Retry(format!("connection closed at byte {offset}"))),
+            None => {
+                return Ok(Transfer::Retry(format!(
+                    "connection closed at byte {offset}"
+                )))
+            }
             Some(Err(e)) => return Ok(Transfer::Retry(e.to_string())),
             Some(Ok(bytes)) => {
                 *offset += bytes.len() as u64;
@@ -296,7 +315,11 @@ enum ShaMsg {
     Reset,
 }
 
-fn write_loop(path: &Path, resume_from: u64, mut rx: mpsc::Receiver<Chunk>) -> std::io::Result<Digests> {
+fn write_loop(
+    path: &Path,
+    resume_from: u64,
+    mut rx: mpsc::Receiver<Chunk>,
+) -> std::io::Result<Digests> {
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
     file.set_len(resume_from)?;
     let (sha_tx, sha_rx) = std_mpsc::sync_channel::<ShaMsg>(SHA_QUEUE_CHUNKS);
@@ -322,7 +345,9 @@ fn write_loop(path: &Path, resume_from: u64, mut rx: mpsc::Receiver<Chunk>) -> s
         file.read_exact(&mut block)?;
         md5.update(&block);
         len += block.len() as u64;
-        sha_tx.send(ShaMsg::Data(Bytes::from(block))).map_err(|_| sha_gone())?;
+        sha_tx
+            .send(ShaMsg::Data(Bytes::from(block)))
+            .map_err(|_| sha_gone())?;
     }
 
     let mut out = BufWriter::with_capacity(IO_BLOCK, file);

@@ -234,7 +234,10 @@ mod tests {
     #[test]
     fn quant_boundaries() {
         assert!(quant_matches("m-Q4_K_M.gguf", "Q4_K_M"));
-        assert!(quant_matches("qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf", "Q4_K_M"));
+        assert!(quant_matches(
+            "qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf",
+            "Q4_K_M"
+        ));
         assert!(!quant_matches("m-Q4_K_M.gguf", "Q4_K"));
         assert!(!quant_matches("m-Q4_0_4_4.gguf", "Q4_0"));
         assert!(quant_matches("m_Q8_0.gguf", "Q8_0"));
@@ -242,9 +245,18 @@ mod tests {
 
     #[test]
     fn auto_prefers_q4_k_m_then_q8_0() {
-        let files = ["README.md", "m-F16.gguf", "m-Q8_0.gguf", "m-Q4_K_M.gguf", "mmproj-Q4_K_M.gguf"];
+        let files = [
+            "README.md",
+            "m-F16.gguf",
+            "m-Q8_0.gguf",
+            "m-Q4_K_M.gguf",
+            "mmproj-Q4_K_M.gguf",
+        ];
         assert_eq!(pick(&files, FileSelector::Auto).unwrap(), ["m-Q4_K_M.gguf"]);
-        assert_eq!(pick(&files[..3], FileSelector::Auto).unwrap(), ["m-Q8_0.gguf"]);
+        assert_eq!(
+            pick(&files[..3], FileSelector::Auto).unwrap(),
+            ["m-Q8_0.gguf"]
+        );
         assert_eq!(pick(&["x.gguf"], FileSelector::Auto).unwrap(), ["x.gguf"]);
         assert!(pick(&["README.md"], FileSelector::Auto).is_err());
     }
@@ -258,7 +270,10 @@ mod tests {
         ];
         assert_eq!(
             pick(&files, FileSelector::Quant("Q4_K_M".into())).unwrap(),
-            ["m-q4_k_m-00001-of-00002.gguf", "m-q4_k_m-00002-of-00002.gguf"]
+            [
+                "m-q4_k_m-00001-of-00002.gguf",
+                "m-q4_k_m-00002-of-00002.gguf"
+            ]
         );
         assert!(pick(&files[..2], FileSelector::Quant("Q8_0".into()))
             .unwrap_err()

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 pub use config::LoaderConfig;
 pub use error::LoaderError;
-pub use loader::Loader;
 use llama_agent_proto::loader::v1::loader_service_server::{LoaderServiceServer, SERVICE_NAME};
+pub use loader::Loader;
 
 /// How often last-used times reach the manifest; a crash loses at most this much LRU history.
 const FLUSH_EVERY: Duration = Duration::from_secs(2);

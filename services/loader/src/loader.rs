@@ -17,9 +17,9 @@ use crate::config::LoaderConfig;
 use crate::error::{LoaderError, Result};
 use crate::fetch::{self, FetchOptions, FetchProgress};
 use crate::hub::{Hub, RemoteFile};
+use crate::now_ms;
 use crate::reference::{revision_dir, HubRef, ModelRef};
 use crate::store::{mtime_ns, Entry, FileRecord, Source};
-use crate::now_ms;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -152,7 +152,9 @@ impl Loader {
         if !opts.refresh {
             if let Some(entry) = self.quick_hit(&mref) {
                 let done = self.finish(entry, true, &opts);
-                return Ok(Box::pin(futures::stream::once(async move { done.map(EnsureEvent::Done) })));
+                return Ok(Box::pin(futures::stream::once(async move {
+                    done.map(EnsureEvent::Done)
+                })));
             }
         }
         let rx = self.join_flight(mref, opts.refresh);
@@ -181,7 +183,11 @@ impl Loader {
     }
 
     /// Runs `ensure` to the end, ignoring progress.
-    pub async fn ensure_done(self: &Arc<Self>, reference: &str, opts: EnsureOptions) -> std::result::Result<Ensured, Arc<LoaderError>> {
+    pub async fn ensure_done(
+        self: &Arc<Self>,
+        reference: &str,
+        opts: EnsureOptions,
+    ) -> std::result::Result<Ensured, Arc<LoaderError>> {
         use futures::StreamExt;
         let mut s = self.ensure(reference, opts).map_err(Arc::new)?;
         while let Some(ev) = s.next().await {
@@ -192,7 +198,12 @@ impl Loader {
         Err(Arc::new(LoaderError::ShuttingDown))
     }
 
-    fn finish(&self, entry: Entry, cache_hit: bool, opts: &EnsureOptions) -> std::result::Result<Ensured, Arc<LoaderError>> {
+    fn finish(
+        &self,
+        entry: Entry,
+        cache_hit: bool,
+        opts: &EnsureOptions,
+    ) -> std::result::Result<Ensured, Arc<LoaderError>> {
         let lease = if opts.lease_ttl_secs > 0 {
             Some(
                 self.cache
@@ -202,14 +213,24 @@ impl Loader {
         } else {
             None
         };
-        Ok(Ensured { entry, cache_hit, lease })
+        Ok(Ensured {
+            entry,
+            cache_hit,
+            lease,
+        })
     }
 
     /// A cached entry whose files still have the recorded size and mtime: served without
     /// hashing or network. Anything else goes through a flight, which re-checks.
     fn quick_hit(&self, mref: &ModelRef) -> Option<Entry> {
         let entry = self.cache.lookup(&alias_of(mref))?;
-        if let (ModelRef::Local(p), Source::Local { size, mtime_ns: m, .. }) = (mref, &entry.source) {
+        if let (
+            ModelRef::Local(p),
+            Source::Local {
+                size, mtime_ns: m, ..
+            },
+        ) = (mref, &entry.source)
+        {
             let md = std::fs::metadata(p).ok()?;
             if md.len() != *size || mtime_ns(&md) != *m {
                 return None;
@@ -241,7 +262,7 @@ impl Loader {
             };
             let result = this.fly(&mref, refresh, &report).await.map_err(Arc::new);
             if let Err(e) = &result {
-                tracing::warn!(reference = %mref, error = %e, "ensure failed");
+                tracing::info!(reference = %mref, error = %e, "ensure failed");
             }
             // Remove first: a caller arriving after Done starts a fresh flight (and finds the
             // cache), rather than reading a stale failure.
@@ -251,14 +272,25 @@ impl Loader {
         rx
     }
 
-    async fn fly(&self, mref: &ModelRef, refresh: bool, report: &(dyn Fn(ProgressEvent) + Send + Sync)) -> Result<Entry> {
+    async fn fly(
+        &self,
+        mref: &ModelRef,
+        refresh: bool,
+        report: &(dyn Fn(ProgressEvent) + Send + Sync),
+    ) -> Result<Entry> {
         match mref {
             ModelRef::Hub(h) => self.fly_hub(h, refresh, false, report).await,
             ModelRef::Local(p) => self.import_local(p, report).await,
         }
     }
 
-    async fn fly_hub(&self, h: &HubRef, refresh: bool, force: bool, report: &(dyn Fn(ProgressEvent) + Send + Sync)) -> Result<Entry> {
+    async fn fly_hub(
+        &self,
+        h: &HubRef,
+        refresh: bool,
+        force: bool,
+        report: &(dyn Fn(ProgressEvent) + Send + Sync),
+    ) -> Result<Entry> {
         let alias = h.to_string();
         let mut force = force;
         if !refresh && !force {
@@ -292,14 +324,19 @@ impl Loader {
             .iter()
             .map(|f| self.part_path(&key, &f.name))
             .collect();
-        report(ProgressEvent { bytes_total: total, ..ProgressEvent::stage(Stage::Evicting) });
+        report(ProgressEvent {
+            bytes_total: total,
+            ..ProgressEvent::stage(Stage::Evicting)
+        });
         let _reservation = self.cache.reserve(total, parts.clone())?;
 
         let dir = format!("models/hf/{}/{}", h.repo, revision_dir(&h.revision));
         let mut records = Vec::with_capacity(resolved.files.len());
         let mut done_before = 0u64;
         for (remote, part) in resolved.files.iter().zip(&parts) {
-            let digests = self.download(remote, part, done_before, total, report).await?;
+            let digests = self
+                .download(remote, part, done_before, total, report)
+                .await?;
             check_gguf_magic(part, &remote.name)?;
             let dest = self.cache.root().join(&dir).join(&remote.name);
             let mtime = publish_file(part, &dest)?;
@@ -330,10 +367,21 @@ impl Loader {
 
     /// One file, retried from scratch once if the finished bytes fail their check (a corrupt
     /// transfer is not resumable: its bytes are unknown).
-    async fn download(&self, remote: &RemoteFile, part: &Path, done_before: u64, total: u64, report: &(dyn Fn(ProgressEvent) + Send + Sync)) -> Result<fetch::Digests> {
+    async fn download(
+        &self,
+        remote: &RemoteFile,
+        part: &Path,
+        done_before: u64,
+        total: u64,
+        report: &(dyn Fn(ProgressEvent) + Send + Sync),
+    ) -> Result<fetch::Digests> {
         let on_progress = |p: FetchProgress| {
             report(ProgressEvent {
-                stage: if p.verifying { Stage::Verifying } else { Stage::Downloading },
+                stage: if p.verifying {
+                    Stage::Verifying
+                } else {
+                    Stage::Downloading
+                },
                 file: remote.name.clone(),
                 bytes_done: done_before + p.bytes_done,
                 bytes_total: total,
@@ -349,12 +397,22 @@ impl Loader {
         }
     }
 
-    async fn import_local(&self, path: &Path, report: &(dyn Fn(ProgressEvent) + Send + Sync)) -> Result<Entry> {
-        let local_err = |e| LoaderError::LocalFile { path: path.to_path_buf(), source: e };
+    async fn import_local(
+        &self,
+        path: &Path,
+        report: &(dyn Fn(ProgressEvent) + Send + Sync),
+    ) -> Result<Entry> {
+        let local_err = |e| LoaderError::LocalFile {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let src = tokio::fs::canonicalize(path).await.map_err(local_err)?;
         let md = tokio::fs::metadata(&src).await.map_err(local_err)?;
         if !md.is_file() {
-            return Err(LoaderError::InvalidArgument(format!("{} is not a file", src.display())));
+            return Err(LoaderError::InvalidArgument(format!(
+                "{} is not a file",
+                src.display()
+            )));
         }
         let name = src
             .file_name()
@@ -378,7 +436,13 @@ impl Loader {
         }
         let part = self.part_path(&key, &name);
         let _reservation = self.cache.reserve(size, vec![part.clone()])?;
-        report(ProgressEvent { stage: Stage::Importing, file: name.clone(), bytes_done: 0, bytes_total: size, resumed_from: 0 });
+        report(ProgressEvent {
+            stage: Stage::Importing,
+            file: name.clone(),
+            bytes_done: 0,
+            bytes_total: size,
+            resumed_from: 0,
+        });
         let (src2, part2) = (src.clone(), part.clone());
         let digests = tokio::task::spawn_blocking(move || fetch::copy_hashing(&src2, &part2))
             .await
@@ -388,9 +452,19 @@ impl Loader {
         let mtime_cached = publish_file(&part, &self.cache.root().join(&dir).join(&name))?;
         let entry = Entry {
             key: key.clone(),
-            source: Source::Local { path: src, size, mtime_ns: mtime },
+            source: Source::Local {
+                path: src,
+                size,
+                mtime_ns: mtime,
+            },
             dir,
-            files: vec![FileRecord { name, size: digests.size, md5: digests.md5, sha256: Some(digests.sha256), mtime_ns: mtime_cached }],
+            files: vec![FileRecord {
+                name,
+                size: digests.size,
+                md5: digests.md5,
+                sha256: Some(digests.sha256),
+                mtime_ns: mtime_cached,
+            }],
             created_ms: now_ms(),
             last_used_ms: now_ms(),
         };
@@ -399,12 +473,18 @@ impl Loader {
 
     /// Re-hashes files whose size or mtime moved since they were recorded. True when every
     /// file still has its recorded MD5 (the new mtimes are then recorded).
-    async fn recheck(&self, entry: &Entry, report: &(dyn Fn(ProgressEvent) + Send + Sync)) -> Result<bool> {
+    async fn recheck(
+        &self,
+        entry: &Entry,
+        report: &(dyn Fn(ProgressEvent) + Send + Sync),
+    ) -> Result<bool> {
         let mut updated = entry.clone();
         let mut changed = false;
         for f in updated.files.iter_mut() {
             let path = entry.file_path(self.cache.root(), f);
-            let Ok(md) = std::fs::metadata(&path) else { return Ok(false) };
+            let Ok(md) = std::fs::metadata(&path) else {
+                return Ok(false);
+            };
             if md.len() != f.size {
                 tracing::warn!(path = %path.display(), "cached file has the wrong size");
                 return Ok(false);
@@ -412,7 +492,13 @@ impl Loader {
             if mtime_ns(&md) == f.mtime_ns {
                 continue;
             }
-            report(ProgressEvent { stage: Stage::Verifying, file: f.name.clone(), bytes_done: 0, bytes_total: f.size, resumed_from: 0 });
+            report(ProgressEvent {
+                stage: Stage::Verifying,
+                file: f.name.clone(),
+                bytes_done: 0,
+                bytes_total: f.size,
+                resumed_from: 0,
+            });
             let digests = hash_blocking(path.clone()).await?;
             if digests.md5 != f.md5 {
                 tracing::warn!(path = %path.display(), expected = %f.md5, found = %digests.md5, "cached file is corrupt");
@@ -431,7 +517,8 @@ impl Loader {
     pub fn get(&self, reference: &str) -> Result<Entry> {
         let mref = ModelRef::parse(reference)?;
         self.cache
-            .lookup(&alias_of(&mref)).ok_or(LoaderError::NotCached(reference.to_string()))
+            .lookup(&alias_of(&mref))
+            .ok_or(LoaderError::NotCached(reference.to_string()))
     }
 
     pub fn evict(&self, reference: &str, force: bool) -> Result<(String, u64)> {
@@ -455,30 +542,55 @@ impl Loader {
             let path = entry.file_path(self.cache.root(), f);
             match hash_blocking(path.clone()).await {
                 Ok(d) if d.md5 == f.md5 && d.size == f.size => {}
-                Ok(d) => problems.push(format!("{}: md5 {} (expected {}), {} bytes (expected {})", f.name, d.md5, f.md5, d.size, f.size)),
+                Ok(d) => problems.push(format!(
+                    "{}: md5 {} (expected {}), {} bytes (expected {})",
+                    f.name, d.md5, f.md5, d.size, f.size
+                )),
                 Err(e) => problems.push(format!("{}: {e}", f.name)),
             }
         }
         if problems.is_empty() {
-            return Ok(VerifyOutcome { ok: true, detail: String::new(), repaired: false, entry });
+            return Ok(VerifyOutcome {
+                ok: true,
+                detail: String::new(),
+                repaired: false,
+                entry,
+            });
         }
         let detail = problems.join("; ");
         if !repair {
-            return Ok(VerifyOutcome { ok: false, detail, repaired: false, entry });
+            return Ok(VerifyOutcome {
+                ok: false,
+                detail,
+                repaired: false,
+                entry,
+            });
         }
         let repaired = match &entry.source {
             Source::Hub { repo, revision, .. } => {
-                let h = HubRef { repo: repo.clone(), selector: crate::reference::FileSelector::File(entry.files[0].name.clone()), revision: revision.clone() };
+                let h = HubRef {
+                    repo: repo.clone(),
+                    selector: crate::reference::FileSelector::File(entry.files[0].name.clone()),
+                    revision: revision.clone(),
+                };
                 self.fly_hub(&h, true, true, &|_| {}).await?
             }
             Source::Local { path, .. } => self.import_local(&path.clone(), &|_| {}).await?,
         };
-        Ok(VerifyOutcome { ok: false, detail, repaired: true, entry: repaired })
+        Ok(VerifyOutcome {
+            ok: false,
+            detail,
+            repaired: true,
+            entry: repaired,
+        })
     }
 
     fn part_path(&self, key: &str, file: &str) -> PathBuf {
         let digest = Sha256::digest(format!("{key}\n{file}"));
-        self.cache.root().join("tmp").join(format!("{}.part", hex::encode(&digest[..16])))
+        self.cache
+            .root()
+            .join("tmp")
+            .join(format!("{}.part", hex::encode(&digest[..16])))
     }
 
     fn entry_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -503,7 +615,9 @@ fn alias_of(mref: &ModelRef) -> String {
     match mref {
         ModelRef::Local(p) => format!(
             "local:{}",
-            std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display()
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
         ),
         ModelRef::Hub(h) => h.to_string(),
     }
@@ -529,12 +643,15 @@ fn check_gguf_magic(path: &Path, name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(LoaderError::Integrity { file: name.to_string(), detail: "not a GGUF file (bad magic)".into() })
+        Err(LoaderError::Integrity {
+            file: name.to_string(),
+            detail: "not a GGUF file (bad magic)".into(),
+        })
     }
 }
 
 /// Moves a verified, fsynced partial file to its place atomically; returns its mtime.
-fn publish_file(part: &Path, dest: &Path) -> Result<i128> {
+fn publish_file(part: &Path, dest: &Path) -> Result<i64> {
     let dir = dest.parent().expect("cache paths have a parent");
     std::fs::create_dir_all(dir).map_err(|e| LoaderError::io(dir, e))?;
     std::fs::rename(part, dest).map_err(|e| LoaderError::io(dest, e))?;

@@ -26,6 +26,11 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     args.loader.validate()?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    llama_loader::run(args.loader, listener, llama_agent_common::signal::terminate()).await?;
+    llama_loader::run(
+        args.loader,
+        listener,
+        llama_agent_common::signal::terminate(),
+    )
+    .await?;
     Ok(())
 }

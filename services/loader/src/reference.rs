@@ -143,7 +143,9 @@ pub fn check_file_path(file: &str) -> Result<(), String> {
     }
     for comp in file.split('/') {
         if comp.is_empty() || comp == "." || comp == ".." {
-            return Err(format!("'{file}': empty, '.' or '..' path components are not allowed"));
+            return Err(format!(
+                "'{file}': empty, '.' or '..' path components are not allowed"
+            ));
         }
         if comp.starts_with('.') {
             return Err(format!("'{file}': hidden path components are not allowed"));
@@ -209,7 +211,10 @@ mod tests {
             ModelRef::parse("/models/x.gguf").unwrap(),
             ModelRef::Local("/models/x.gguf".into())
         );
-        assert!(matches!(ModelRef::parse("./x.gguf").unwrap(), ModelRef::Local(_)));
+        assert!(matches!(
+            ModelRef::parse("./x.gguf").unwrap(),
+            ModelRef::Local(_)
+        ));
     }
 
     #[test]

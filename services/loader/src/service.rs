@@ -71,7 +71,11 @@ pub fn model_info(loader: &Loader, e: &Entry) -> common::ModelInfo {
         })
         .collect();
     let (repo, revision, commit) = match &e.source {
-        Source::Hub { repo, revision, commit } => (repo.clone(), revision.clone(), commit.clone()),
+        Source::Hub {
+            repo,
+            revision,
+            commit,
+        } => (repo.clone(), revision.clone(), commit.clone()),
         Source::Local { .. } => Default::default(),
     };
     let primary = files.first().cloned().unwrap_or_default();
@@ -144,7 +148,9 @@ impl LoaderService for LoaderGrpc {
                 cache_hit: false,
             }),
             Ok(EnsureEvent::Done(d)) => Ok(pb::EnsureModelResponse {
-                event: Some(pb::ensure_model_response::Event::Model(model_info(&loader, &d.entry))),
+                event: Some(pb::ensure_model_response::Event::Model(model_info(
+                    &loader, &d.entry,
+                ))),
                 lease: d.lease.as_ref().map(lease_pb),
                 cache_hit: d.cache_hit,
             }),
@@ -189,7 +195,10 @@ impl LoaderService for LoaderGrpc {
     ) -> Result<Response<pb::EvictModelResponse>, Status> {
         let r = req.into_inner();
         let (reference, bytes_freed) = self.loader.evict(&r.model, r.force)?;
-        Ok(Response::new(pb::EvictModelResponse { bytes_freed, reference }))
+        Ok(Response::new(pb::EvictModelResponse {
+            bytes_freed,
+            reference,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]

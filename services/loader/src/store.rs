@@ -45,7 +45,7 @@ pub enum Source {
     Local {
         path: PathBuf,
         size: u64,
-        mtime_ns: i128,
+        mtime_ns: i64,
     },
 }
 
@@ -57,7 +57,7 @@ pub struct FileRecord {
     #[serde(default)]
     pub sha256: Option<String>,
     /// mtime when the MD5 was last known good: a change triggers a re-hash.
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
 }
 
 impl Entry {
@@ -102,7 +102,9 @@ impl ManifestStore {
                 m.version
             ))),
             Err(e) => {
-                let aside = self.path.with_extension(format!("corrupt-{}", crate::now_ms()));
+                let aside = self
+                    .path
+                    .with_extension(format!("corrupt-{}", crate::now_ms()));
                 tracing::error!(error = %e, aside = %aside.display(), "manifest unreadable; starting with an empty cache");
                 std::fs::rename(&self.path, &aside).map_err(|e| LoaderError::io(&self.path, e))?;
                 Ok(Manifest {
@@ -139,9 +141,9 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| LoaderError::io(dir, e))
 }
 
-pub fn mtime_ns(md: &std::fs::Metadata) -> i128 {
+pub fn mtime_ns(md: &std::fs::Metadata) -> i64 {
     md.modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as i128)
+        .map_or(0, |d| d.as_nanos() as i64)
 }

@@ -1,0 +1,105 @@
+//! `llama-cli`: llama-agent from the command line. Every command talks gRPC through the client
+//! crate, to a remote service (`--*-endpoint`) or to the same service run in this process.
+
+mod cache;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use llama_agent_client::LoaderClient;
+use llama_agent_common::telemetry::{self, LogFormat};
+use llama_loader::LoaderConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "llama-cli",
+    version,
+    about = "Local LLM inference on GGUF models: pull, cache, generate, embed"
+)]
+struct Cli {
+    /// Loader service (`host:port`). Without it the loader runs inside this process.
+    #[arg(long, env = "LLAMA_LOADER_ENDPOINT", global = true)]
+    loader_endpoint: Option<String>,
+
+    /// Log format on stderr (RUST_LOG sets the level; default warn).
+    #[arg(long, env = "LLAMA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+
+    /// Settings of the in-process loader (ignored with --loader-endpoint).
+    #[command(flatten)]
+    loader: LoaderConfig,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the model cache directory.
+    CacheDir,
+    /// Download a model into the cache (or import a local .gguf file) and print its path.
+    Pull {
+        /// `owner/repo`, `owner/repo:Q8_0`, `owner/repo/file.gguf`, with optional `@revision`; or a local path.
+        model: String,
+        /// Ask the hub again even when the model is cached.
+        #[arg(long)]
+        refresh: bool,
+        /// Print the model as JSON instead of its path.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and manage the model cache.
+    Cache {
+        #[command(subcommand)]
+        command: cache::CacheCommand,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Progress and results go to the terminal; logs only when asked for.
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    telemetry::init(cli.log_format);
+    if let Err(e) = run(cli).await {
+        eprintln!("llama-cli: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CacheDir => {
+            let dir = match &cli.loader_endpoint {
+                Some(ep) => LoaderClient::connect(ep)?.cache_status().await?.cache_dir,
+                None => cli.loader.resolved_cache_dir()?.display().to_string(),
+            };
+            println!("{dir}");
+            Ok(())
+        }
+        Command::Pull {
+            model,
+            refresh,
+            json,
+        } => {
+            let loader = loader_client(&cli.loader_endpoint, &cli.loader).await?;
+            cache::pull(&loader, &model, refresh, json).await
+        }
+        Command::Cache { command } => {
+            let loader = loader_client(&cli.loader_endpoint, &cli.loader).await?;
+            cache::run(&loader, command).await
+        }
+    }
+}
+
+/// The remote loader, or one started in this process on the same code.
+async fn loader_client(
+    endpoint: &Option<String>,
+    config: &LoaderConfig,
+) -> anyhow::Result<LoaderClient> {
+    Ok(match endpoint {
+        Some(ep) => LoaderClient::connect(ep)?,
+        None => LoaderClient::new(llama_loader::in_process(config).await?),
+    })
+}

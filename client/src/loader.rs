@@ -1,0 +1,246 @@
+//! Client of llama_agent.loader.v1.LoaderService.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use llama_agent_proto::common::v1::ModelInfo;
+use llama_agent_proto::loader::v1 as pb;
+use llama_agent_proto::loader::v1::loader_service_client::LoaderServiceClient;
+use tonic::transport::Channel;
+use tonic::{IntoRequest, Request};
+
+use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
+
+#[derive(Clone)]
+pub struct LoaderClient {
+    inner: LoaderServiceClient<Channel>,
+    retry: RetryPolicy,
+    deadline: Duration,
+}
+
+/// The final answer of an EnsureModel stream.
+#[derive(Clone, Debug)]
+pub struct Ensured {
+    pub model: ModelInfo,
+    pub lease: Option<pb::Lease>,
+    pub cache_hit: bool,
+}
+
+impl LoaderClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            // Model files are big but messages are small; defaults suffice.
+            inner: LoaderServiceClient::new(channel),
+            retry: RetryPolicy::default(),
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+
+    pub fn connect(uri: &str) -> Result<Self, ClientError> {
+        Ok(Self::new(crate::channel(uri)?))
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// EnsureModel as a stream of progress events and the final model. Opening the stream is
+    /// retried (ensuring is idempotent); a stream that breaks midway is the caller's to redo.
+    pub async fn ensure_stream(
+        &self,
+        req: pb::EnsureModelRequest,
+    ) -> Result<impl Stream<Item = Result<pb::EnsureModelResponse, ClientError>>, ClientError> {
+        let stream = self
+            .retry
+            .run(|| {
+                let mut c = self.inner.clone();
+                let req = req.clone();
+                async move { c.ensure_model(req).await }
+            })
+            .await?
+            .into_inner();
+        Ok(stream.map(|r| r.map_err(ClientError::from)))
+    }
+
+    /// EnsureModel to the end; `on_progress` sees every progress event.
+    pub async fn ensure(
+        &self,
+        req: pb::EnsureModelRequest,
+        mut on_progress: impl FnMut(&pb::Progress),
+    ) -> Result<Ensured, ClientError> {
+        let mut stream = std::pin::pin!(self.ensure_stream(req).await?);
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            match msg.event {
+                Some(pb::ensure_model_response::Event::Progress(p)) => on_progress(&p),
+                Some(pb::ensure_model_response::Event::Model(model)) => {
+                    return Ok(Ensured {
+                        model,
+                        lease: msg.lease,
+                        cache_hit: msg.cache_hit,
+                    })
+                }
+                None => {}
+            }
+        }
+        Err(ClientError::Incomplete)
+    }
+
+    /// One unary call with the default deadline, retried per `retry`.
+    async fn unary<Req, Resp, F, Fut>(
+        &self,
+        req: Req,
+        retry: &RetryPolicy,
+        deadline: Option<Duration>,
+        call: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(LoaderServiceClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let r = retry
+            .run(|| {
+                let mut request = req.clone().into_request();
+                if let Some(d) = deadline {
+                    request.set_timeout(d);
+                }
+                call(self.inner.clone(), request)
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    pub async fn get_model(&self, model: &str) -> Result<ModelInfo, ClientError> {
+        let req = pb::GetModelRequest {
+            model: model.to_string(),
+        };
+        let r = self
+            .unary(
+                req,
+                &self.retry,
+                Some(self.deadline),
+                |mut c, r| async move { c.get_model(r).await },
+            )
+            .await?;
+        r.model.ok_or(ClientError::Incomplete)
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<pb::CachedModel>, ClientError> {
+        let r = self
+            .unary(
+                pb::ListModelsRequest {},
+                &self.retry,
+                Some(self.deadline),
+                |mut c, r| async move { c.list_models(r).await },
+            )
+            .await?;
+        Ok(r.models)
+    }
+
+    pub async fn cache_status(&self) -> Result<pb::CacheStatusResponse, ClientError> {
+        self.unary(
+            pb::CacheStatusRequest {},
+            &self.retry,
+            Some(self.deadline),
+            |mut c, r| async move { c.cache_status(r).await },
+        )
+        .await
+    }
+
+    /// Not retried: a retry after a lost answer would report NOT_FOUND for a done eviction.
+    pub async fn evict_model(
+        &self,
+        model: &str,
+        force: bool,
+    ) -> Result<pb::EvictModelResponse, ClientError> {
+        let req = pb::EvictModelRequest {
+            model: model.to_string(),
+            force,
+        };
+        self.unary(
+            req,
+            &RetryPolicy::none(),
+            Some(self.deadline),
+            |mut c, r| async move { c.evict_model(r).await },
+        )
+        .await
+    }
+
+    /// Hashing a large model takes a while: no default deadline.
+    pub async fn verify_model(
+        &self,
+        model: &str,
+        repair: bool,
+    ) -> Result<pb::VerifyModelResponse, ClientError> {
+        let req = pb::VerifyModelRequest {
+            model: model.to_string(),
+            repair,
+        };
+        self.unary(req, &self.retry, None, |mut c, r| async move {
+            c.verify_model(r).await
+        })
+        .await
+    }
+
+    /// Not retried: each call makes a new lease.
+    pub async fn lease_model(
+        &self,
+        model: &str,
+        ttl_seconds: u32,
+        holder: &str,
+    ) -> Result<pb::LeaseModelResponse, ClientError> {
+        let req = pb::LeaseModelRequest {
+            model: model.to_string(),
+            ttl_seconds,
+            holder: holder.to_string(),
+        };
+        self.unary(
+            req,
+            &RetryPolicy::none(),
+            Some(self.deadline),
+            |mut c, r| async move { c.lease_model(r).await },
+        )
+        .await
+    }
+
+    pub async fn renew_lease(
+        &self,
+        lease_id: &str,
+        ttl_seconds: u32,
+    ) -> Result<pb::Lease, ClientError> {
+        let req = pb::RenewLeaseRequest {
+            lease_id: lease_id.to_string(),
+            ttl_seconds,
+        };
+        let r = self
+            .unary(
+                req,
+                &self.retry,
+                Some(self.deadline),
+                |mut c, r| async move { c.renew_lease(r).await },
+            )
+            .await?;
+        r.lease.ok_or(ClientError::Incomplete)
+    }
+
+    pub async fn release_lease(&self, lease_id: &str) -> Result<(), ClientError> {
+        let req = pb::ReleaseLeaseRequest {
+            lease_id: lease_id.to_string(),
+        };
+        self.unary(
+            req,
+            &self.retry,
+            Some(self.deadline),
+            |mut c, r| async move { c.release_lease(r).await },
+        )
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+//! Test support shared by llama-agent's integration tests and benchmarks.
+
+pub mod mirror;
