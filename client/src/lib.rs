@@ -2,7 +2,7 @@
 //! with backoff for idempotent calls, server streams as `futures::Stream`.
 
 mod error;
-mod loader;
+pub mod loader;
 mod retry;
 
 pub use error::ClientError;

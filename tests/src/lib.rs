@@ -1,3 +1,4 @@
 //! Test support shared by llama-agent's integration tests and benchmarks.
 
 pub mod mirror;
+pub mod support;

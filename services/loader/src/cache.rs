@@ -365,7 +365,8 @@ impl Cache {
     }
 }
 
-fn lease_ttl(ttl_secs: u32) -> Result<u32> {
+/// The lease length to use for a requested TTL (0 = default); too long is an error.
+pub fn lease_ttl(ttl_secs: u32) -> Result<u32> {
     match ttl_secs {
         0 => Ok(DEFAULT_LEASE_SECS),
         t if t > MAX_LEASE_SECS => Err(LoaderError::InvalidArgument(format!(

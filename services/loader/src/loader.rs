@@ -157,10 +157,12 @@ impl Loader {
                 })));
             }
         }
-        let rx = self.join_flight(mref, opts.refresh);
+        let (mut rx, joined) = self.join_flight(mref, opts.refresh);
         let this = Arc::clone(self);
         Ok(Box::pin(async_stream::stream! {
-            let mut rx = rx;
+            if joined {
+                yield Ok(EnsureEvent::Progress(ProgressEvent::stage(Stage::Waiting)));
+            }
             loop {
                 let state = rx.borrow_and_update().clone();
                 match state {
@@ -247,11 +249,16 @@ impl Loader {
         Some(entry)
     }
 
-    fn join_flight(self: &Arc<Self>, mref: ModelRef, refresh: bool) -> watch::Receiver<Flight> {
+    /// The flight for `mref`, started if none is in the air; true when it was already flying.
+    fn join_flight(
+        self: &Arc<Self>,
+        mref: ModelRef,
+        refresh: bool,
+    ) -> (watch::Receiver<Flight>, bool) {
         let key = format!("{mref}{}", if refresh { "#refresh" } else { "" });
         let mut flights = lock(&self.flights);
         if let Some(rx) = flights.get(&key) {
-            return rx.clone();
+            return (rx.clone(), true);
         }
         let (tx, rx) = watch::channel(Flight::Progress(ProgressEvent::stage(Stage::Resolving)));
         flights.insert(key.clone(), rx.clone());
@@ -269,7 +276,7 @@ impl Loader {
             lock(&this.flights).remove(&key);
             tx.send_replace(Flight::Done(result));
         });
-        rx
+        (rx, false)
     }
 
     async fn fly(
@@ -528,6 +535,7 @@ impl Loader {
     }
 
     pub fn lease(&self, reference: &str, ttl_secs: u32, holder: &str) -> Result<(LeaseRec, Entry)> {
+        crate::cache::lease_ttl(ttl_secs)?;
         let entry = self.get(reference)?;
         let lease = self.cache.lease(&entry.key, ttl_secs, holder)?;
         Ok((lease, entry))

@@ -1,0 +1,179 @@
+//! Shared plumbing of the integration tests and benchmarks: test models, release binaries,
+//! loaders on ephemeral ports (in this process, or as a child process to kill -9).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context};
+use llama_agent_client::LoaderClient;
+use llama_loader::LoaderConfig;
+use tokio::sync::oneshot;
+
+pub const GEMMA_FILE: &str = "gemma-3-270m-Q4_K_M.gguf";
+pub const MINILM_FILE: &str = "all-MiniLM-L6-v2-F16.gguf";
+
+/// Where `scripts/fetch-test-models.sh` put the test models.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("LLAMA_AGENT_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repo root")
+        .to_path_buf()
+}
+
+/// A test model, or a clear failure telling how to get it.
+pub fn model(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-test-models.sh",
+        p.display()
+    );
+    p
+}
+
+/// The MD5 the fetch script recorded next to a test model.
+pub fn model_md5(file: &str) -> String {
+    let sidecar = models_dir().join(format!("{file}.md5"));
+    let text =
+        std::fs::read_to_string(&sidecar).unwrap_or_else(|e| panic!("{}: {e}", sidecar.display()));
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A binary of the workspace, built in the same profile as the running test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target layout");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --release --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A synthetic GGUF file: the magic, then deterministic filler.
+pub fn fake_gguf(len: usize, seed: u8) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    v[..4].copy_from_slice(b"GGUF");
+    v
+}
+
+/// A loader served by `llama_loader::run` on 127.0.0.1:0 inside the test process.
+pub struct InProcessLoader {
+    pub addr: SocketAddr,
+    pub client: LoaderClient,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessLoader {
+    pub async fn start(config: LoaderConfig) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = llama_loader::run(config, listener, shutdown).await {
+                panic!("loader failed: {e}");
+            }
+        });
+        let client = LoaderClient::connect(&format!("http://{addr}"))?;
+        Ok(Self {
+            addr,
+            client,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// `llama-loader` as a child process (so a test can kill -9 it), on an ephemeral port read
+/// back from its JSON start-up log.
+pub struct LoaderProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl LoaderProcess {
+    pub fn spawn(cache_dir: &Path, hf_endpoint: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_bin("llama-loader"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .args(["--hf-endpoint", hf_endpoint])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning llama-loader")?;
+        let stderr = child.stderr.take().expect("piped");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let status = child.wait()?;
+                bail!("llama-loader exited ({status}) before serving");
+            };
+            let line = line?;
+            if let Some(addr) = serving_addr(&line) {
+                break addr;
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, addr })
+    }
+
+    pub fn client(&self) -> LoaderClient {
+        LoaderClient::connect(&format!("http://{}", self.addr)).expect("valid endpoint")
+    }
+
+    /// SIGKILL: no destructor, no flush, no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LoaderProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The address in the loader's `loader serving` log line.
+fn serving_addr(line: &str) -> Option<SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if fields.get("message")?.as_str()? != "loader serving" {
+        return None;
+    }
+    fields.get("addr")?.as_str()?.parse().ok()
+}
