@@ -10,8 +10,16 @@ pub enum GrpcSetupError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// A router carrying grpc.health.v1 and server reflection for `service_names` only (so
-/// `grpcurl list` on the loader does not advertise the generator), plus the health reporter.
+/// Services every server carries besides its own.
+const PLUMBING: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// A router carrying grpc.health.v1 and server reflection listing `service_names` and the
+/// plumbing only (so `grpcurl list` on the loader does not advertise the generator), plus the
+/// health reporter.
 /// Every service starts NOT_SERVING; the caller flips it once it is ready.
 pub async fn base_router(
     service_names: &[&str],
@@ -26,22 +34,23 @@ pub async fn base_router(
             .await;
     }
 
-    let mut v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(llama_agent_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.health.v1.Health");
-    let mut v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(llama_agent_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.health.v1.Health");
-    for name in service_names {
-        v1 = v1.with_service_name(*name);
-        v1alpha = v1alpha.with_service_name(*name);
-    }
+    let reflection = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(llama_agent_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        for name in PLUMBING.iter().chain(service_names) {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
     let router = Server::builder()
         .add_service(health)
-        .add_service(v1.build_v1()?)
-        .add_service(v1alpha.build_v1alpha()?);
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
     Ok((router, reporter))
 }
 
