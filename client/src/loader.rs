@@ -80,11 +80,15 @@ impl LoaderClient {
             match msg.event {
                 Some(pb::ensure_model_response::Event::Progress(p)) => on_progress(&p),
                 Some(pb::ensure_model_response::Event::Model(model)) => {
+                    // Read to the trailers: dropping a stream early resets it on the wire.
+                    while let Some(rest) = stream.next().await {
+                        rest?;
+                    }
                     return Ok(Ensured {
                         model,
                         lease: msg.lease,
                         cache_hit: msg.cache_hit,
-                    })
+                    });
                 }
                 None => {}
             }

@@ -53,8 +53,11 @@ pub fn model_md5(file: &str) -> String {
 /// A binary of the workspace, built in the same profile as the running test.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target layout");
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let mut dir = exe.parent().expect("target layout");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target layout");
+    }
     let bin = dir.join(name);
     assert!(
         bin.is_file(),
@@ -145,8 +148,15 @@ impl LoaderProcess {
                 break addr;
             }
         };
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining stderr so the child never blocks on a full pipe; echo it when asked.
+        let echo = std::env::var_os("LLAMA_TEST_ECHO_LOGS").is_some();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if echo {
+                    eprintln!("[llama-loader] {line}");
+                }
+            }
+        });
         Ok(Self { child, addr })
     }
 

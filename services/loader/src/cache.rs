@@ -334,7 +334,7 @@ impl Cache {
                 (e.clone(), leases)
             })
             .collect();
-        out.sort_by(|a, b| b.0.last_used_ms.cmp(&a.0.last_used_ms));
+        out.sort_by_key(|(e, _)| std::cmp::Reverse(e.last_used_ms));
         out
     }
 

@@ -1,8 +1,8 @@
 //! Streams one remote file into a partial file: resumable with HTTP Range, MD5 and SHA-256
 //! computed in the same pass, verified before the caller publishes it.
 //!
-//! The network side runs on the async runtime; a blocking writer thread does MD5 + write and a
-//! second thread SHA-256, so the three overlap.
+//! The network side runs on the async runtime; a blocking writer thread writes while two more
+//! threads compute MD5 and SHA-256, so all four overlap.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -25,8 +25,8 @@ use crate::hub::RemoteFile;
 /// Chunks between the network and the writer. Hyper hands out chunks of up to a few hundred
 /// KiB, so 64 bounds the bytes in flight to a few MiB while absorbing disk hiccups.
 const WRITE_QUEUE_CHUNKS: usize = 64;
-/// Chunks between the writer and the SHA-256 thread; same reasoning.
-const SHA_QUEUE_CHUNKS: usize = 64;
+/// Chunks between the writer and each hash thread; same reasoning.
+const HASH_QUEUE_CHUNKS: usize = 64;
 const IO_BLOCK: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
@@ -310,9 +310,48 @@ pub fn discard_part(part: &Path) {
     let _ = std::fs::remove_file(meta_path(part));
 }
 
-enum ShaMsg {
+enum HashMsg {
     Data(Bytes),
     Reset,
+}
+
+/// A hasher on its own thread: MD5 alone is ~600 MB/s on one core, so hashing and writing
+/// each get a thread and the slowest of them, not their sum, sets the pace.
+struct HashThread {
+    tx: std_mpsc::SyncSender<HashMsg>,
+    handle: std::thread::JoinHandle<String>,
+}
+
+impl HashThread {
+    fn spawn<D: Digest + Send + 'static>(name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = std_mpsc::sync_channel::<HashMsg>(HASH_QUEUE_CHUNKS);
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut h = D::new();
+                for msg in rx {
+                    match msg {
+                        HashMsg::Data(b) => h.update(&b),
+                        HashMsg::Reset => h = D::new(),
+                    }
+                }
+                hex::encode(h.finalize())
+            })?;
+        Ok(Self { tx, handle })
+    }
+
+    fn send(&self, msg: HashMsg) -> std::io::Result<()> {
+        self.tx
+            .send(msg)
+            .map_err(|_| std::io::Error::other("hash thread stopped"))
+    }
+
+    fn finish(self) -> std::io::Result<String> {
+        drop(self.tx);
+        self.handle
+            .join()
+            .map_err(|_| std::io::Error::other("hash thread panicked"))
+    }
 }
 
 fn write_loop(
@@ -322,61 +361,44 @@ fn write_loop(
 ) -> std::io::Result<Digests> {
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
     file.set_len(resume_from)?;
-    let (sha_tx, sha_rx) = std_mpsc::sync_channel::<ShaMsg>(SHA_QUEUE_CHUNKS);
-    let sha_thread = std::thread::Builder::new()
-        .name("loader-sha256".into())
-        .spawn(move || {
-            let mut sha = Sha256::new();
-            for msg in sha_rx {
-                match msg {
-                    ShaMsg::Data(b) => sha.update(&b),
-                    ShaMsg::Reset => sha = Sha256::new(),
-                }
-            }
-            hex::encode(sha.finalize())
-        })?;
-    let sha_gone = || std::io::Error::other("sha256 thread stopped");
+    let md5 = HashThread::spawn::<Md5>("loader-md5")?;
+    let sha = HashThread::spawn::<Sha256>("loader-sha256")?;
+    let both = |msg: &dyn Fn() -> HashMsg| -> std::io::Result<()> {
+        md5.send(msg())?;
+        sha.send(msg())
+    };
 
-    let mut md5 = Md5::new();
+    // A resumed download re-hashes the bytes already on disk first.
     let mut len = 0u64;
     file.seek(SeekFrom::Start(0))?;
     while len < resume_from {
         let mut block = vec![0u8; IO_BLOCK.min((resume_from - len) as usize)];
         file.read_exact(&mut block)?;
-        md5.update(&block);
         len += block.len() as u64;
-        sha_tx
-            .send(ShaMsg::Data(Bytes::from(block)))
-            .map_err(|_| sha_gone())?;
+        let block = Bytes::from(block);
+        both(&|| HashMsg::Data(block.clone()))?;
     }
 
-    let mut out = BufWriter::with_capacity(IO_BLOCK, file);
     while let Some(chunk) = rx.blocking_recv() {
         match chunk {
             Chunk::Data(b) => {
-                md5.update(&b);
-                out.write_all(&b)?;
+                both(&|| HashMsg::Data(b.clone()))?;
+                file.write_all(&b)?;
                 len += b.len() as u64;
-                sha_tx.send(ShaMsg::Data(b)).map_err(|_| sha_gone())?;
             }
             Chunk::Restart => {
-                out.flush()?;
-                out.get_mut().set_len(0)?;
-                out.get_mut().seek(SeekFrom::Start(0))?;
-                md5 = Md5::new();
+                file.set_len(0)?;
+                file.seek(SeekFrom::Start(0))?;
                 len = 0;
-                sha_tx.send(ShaMsg::Reset).map_err(|_| sha_gone())?;
+                both(&|| HashMsg::Reset)?;
             }
         }
     }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    drop(sha_tx);
-    let sha256 = sha_thread.join().map_err(|_| sha_gone())?;
     Ok(Digests {
         size: len,
-        md5: hex::encode(md5.finalize()),
-        sha256,
+        md5: md5.finish()?,
+        sha256: sha.finish()?,
     })
 }
 

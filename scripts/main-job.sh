@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set-up, then the main job on this machine (no internet hub here): a local hub mirror serves
+# the test models, a llama-loader service pulls them through its real download path into the
+# cache (LLAMA_CACHE_DIR, default ~/.cache/llama-loader), and llama-cli and grpcurl talk to it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/setup.sh
+
+BIN="$ROOT/target/release"
+MODELS="${LLAMA_AGENT_MODELS_DIR:-$ROOT/models}"
+WORK="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# Waits for a line matching $2 in file $1 and prints it.
+wait_for() {
+    for _ in $(seq 100); do
+        if grep -m1 -E "$2" "$1" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; return 1
+}
+
+"$BIN/hub-mirror" \
+    --repo "llama-agent-test/gemma-3-270m-GGUF=$MODELS/gemma-3-270m-Q4_K_M.gguf" \
+    --repo "llama-agent-test/all-MiniLM-L6-v2-GGUF=$MODELS/all-MiniLM-L6-v2-F16.gguf" \
+    >"$WORK/mirror.out" 2>"$WORK/mirror.err" &
+export HF_ENDPOINT="$(wait_for "$WORK/mirror.out" '^listening on ' | sed 's/^listening on //')"
+echo "hub mirror: $HF_ENDPOINT"
+
+"$BIN/llama-loader" --listen 127.0.0.1:0 --log-format json 2>"$WORK/loader.log" &
+ADDR="$(wait_for "$WORK/loader.log" '"loader serving"' | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
+export LLAMA_LOADER_ENDPOINT="$ADDR"
+echo "llama-loader: $ADDR"
+"$ROOT/.venv/bin/grpcurl" -plaintext "$ADDR" list
+
+for m in llama-agent-test/gemma-3-270m-GGUF llama-agent-test/all-MiniLM-L6-v2-GGUF:F16; do
+    echo "== llama-cli pull $m"
+    time "$BIN/llama-cli" pull "$m"
+done
+echo "== llama-cli pull again (cache hit)"
+"$BIN/llama-cli" pull llama-agent-test/gemma-3-270m-GGUF
+"$BIN/llama-cli" cache ls
+"$BIN/llama-cli" cache status
+"$BIN/llama-cli" cache verify llama-agent-test/gemma-3-270m-GGUF

@@ -1,0 +1,152 @@
+//! Loader benchmark, side by side with curl in one run (see BENCHMARKS.md):
+//! - cold pull throughput from the loopback hub mirror: `llama-loader` EnsureModel (MD5 and
+//!   SHA-256 in the same pass, fsync, atomic publish) against `curl -o` of the same file;
+//! - cache-hit EnsureModel latency over gRPC.
+//!
+//! Usage: bench-loader [--runs N] [--hits N] [--model PATH]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use llama_agent_client::proto::loader::v1::EnsureModelRequest;
+use llama_agent_tests::support::{model, workspace_bin, LoaderProcess, GEMMA_FILE};
+
+#[derive(Parser)]
+struct Args {
+    /// Cold pulls per tool (interleaved, so drift hits both alike).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Cache-hit EnsureModel calls to time.
+    #[arg(long, default_value_t = 2000)]
+    hits: usize,
+    /// File to serve (default: the Gemma 3 270M test model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+const REPO: &str = "bench/model-GGUF";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file = args.model.clone().unwrap_or_else(|| model(GEMMA_FILE));
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("file name")?
+        .to_string();
+    let size = std::fs::metadata(&file)?.len();
+
+    let mut mirror = Command::new(workspace_bin("hub-mirror"))
+        .arg("--repo")
+        .arg(format!("{REPO}={}", file.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let base = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(mirror.stdout.take().context("stdout")?).read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("listening on ")
+            .context("mirror banner")?
+            .to_string()
+    };
+    let url = format!("{base}/{REPO}/resolve/main/{name}");
+    let work = tempfile::tempdir()?;
+    let loader = LoaderProcess::spawn(&work.path().join("cache"), &base, &[])?;
+    let client = loader.client();
+    let reference = format!("{REPO}/{name}");
+    let req = EnsureModelRequest {
+        model: reference.clone(),
+        ..Default::default()
+    };
+
+    let mut curl_s = Vec::new();
+    let mut loader_s = Vec::new();
+    for _ in 0..args.runs {
+        let out = work.path().join("curl.gguf");
+        let t = Instant::now();
+        let status = Command::new("curl")
+            .args(["-sS", "-o"])
+            .arg(&out)
+            .arg(&url)
+            .status()?;
+        curl_s.push(t.elapsed());
+        if !status.success() || std::fs::metadata(&out)?.len() != size {
+            bail!("curl failed");
+        }
+        std::fs::remove_file(&out)?;
+
+        let t = Instant::now();
+        let done = client.ensure(req.clone(), |_| {}).await?;
+        loader_s.push(t.elapsed());
+        if done.cache_hit || done.model.size_bytes != size {
+            bail!("expected a cold download");
+        }
+        client.evict_model(&reference, false).await?;
+    }
+
+    client.ensure(req.clone(), |_| {}).await?;
+    let mut hits = Vec::with_capacity(args.hits);
+    for _ in 0..args.hits {
+        let t = Instant::now();
+        let done = client.ensure(req.clone(), |_| {}).await?;
+        hits.push(t.elapsed());
+        if !done.cache_hit {
+            bail!("expected a cache hit");
+        }
+    }
+    let _ = mirror.kill();
+
+    let mb = |d: Duration| size as f64 / d.as_secs_f64() / 1e6;
+    let (curl_med, loader_med) = (median(&mut curl_s), median(&mut loader_s));
+    println!(
+        "file: {name} ({size} bytes), {} cold runs each, interleaved",
+        args.runs
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "cold pull (loopback mirror)", "median", "best", "MB/s"
+    );
+    println!(
+        "{:<34} {:>8.0}ms {:>8.0}ms {:>10.0}",
+        "curl -o",
+        ms(curl_med),
+        ms(curl_s[0]),
+        mb(curl_med)
+    );
+    println!(
+        "{:<34} {:>8.0}ms {:>8.0}ms {:>10.0}",
+        "llama-loader EnsureModel (md5+sha)",
+        ms(loader_med),
+        ms(loader_s[0]),
+        mb(loader_med)
+    );
+    println!(
+        "throughput ratio loader/curl: {:.2}x (target >= 0.8x)",
+        curl_med.as_secs_f64() / loader_med.as_secs_f64()
+    );
+    hits.sort();
+    let pct = |p: f64| hits[((hits.len() as f64 * p) as usize).min(hits.len() - 1)];
+    println!(
+        "cache-hit EnsureModel over gRPC, {} calls: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms (target p50 <= 2 ms)",
+        hits.len(),
+        ms(pct(0.5)),
+        ms(pct(0.9)),
+        ms(pct(0.99))
+    );
+    Ok(())
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
