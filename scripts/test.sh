@@ -12,4 +12,9 @@ cargo clippy --release --locked --workspace --all-targets -- -D warnings
 
 export LLAMA_AGENT_MODELS_DIR="${LLAMA_AGENT_MODELS_DIR:-$ROOT/models}"
 export GRPCURL="${GRPCURL:-$ROOT/.venv/bin/grpcurl}"
-cargo test --release --locked --workspace
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+set -o pipefail
+cargo test --release --locked --workspace 2>&1 | tee "$LOG"
+# One closing line for the whole suite (cargo prints one per test binary, the last often 0).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$LOG"
