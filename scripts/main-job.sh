@@ -44,3 +44,13 @@ echo "== llama-cli pull again (cache hit)"
 "$BIN/llama-cli" cache ls
 "$BIN/llama-cli" cache status
 "$BIN/llama-cli" cache verify llama-agent-test/gemma-3-270m-GGUF
+
+# Generation: a llama-generator service leasing the model from the loader, streaming tokens.
+"$BIN/llama-generator" --listen 127.0.0.1:0 --log-format json --threads "$(nproc)" 2>"$WORK/generator.log" &
+GEN_ADDR="$(wait_for "$WORK/generator.log" '"generator serving"' | sed -E 's/.*"addr":"([^"]+)".*/\1/')"
+echo "llama-generator: $GEN_ADDR"
+echo "== llama-cli generate (streamed from the service)"
+"$BIN/llama-cli" generate --generator-endpoint "$GEN_ADDR" --model llama-agent-test/gemma-3-270m-GGUF \
+    --prompt "The three most important inventions in history are" --max-tokens 64 --temperature 0.7 --seed 7
+echo "== the loader now shows the generator's lease"
+"$BIN/llama-cli" cache ls

@@ -1,11 +1,15 @@
 //! One typed async client for llama-agent's services: endpoints, default deadlines, retries
 //! with backoff for idempotent calls, server streams as `futures::Stream`.
 
+pub mod embedder;
 mod error;
+pub mod generator;
 pub mod loader;
 mod retry;
 
+pub use embedder::EmbedderClient;
 pub use error::ClientError;
+pub use generator::GeneratorClient;
 pub use llama_agent_proto as proto;
 pub use loader::LoaderClient;
 pub use retry::RetryPolicy;

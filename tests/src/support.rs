@@ -136,27 +136,8 @@ impl LoaderProcess {
             .stderr(Stdio::piped())
             .spawn()
             .context("spawning llama-loader")?;
-        let stderr = child.stderr.take().expect("piped");
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let Some(line) = lines.next() else {
-                let status = child.wait()?;
-                bail!("llama-loader exited ({status}) before serving");
-            };
-            let line = line?;
-            if let Some(addr) = serving_addr(&line) {
-                break addr;
-            }
-        };
-        // Keep draining stderr so the child never blocks on a full pipe; echo it when asked.
-        let echo = std::env::var_os("LLAMA_TEST_ECHO_LOGS").is_some();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if echo {
-                    eprintln!("[llama-loader] {line}");
-                }
-            }
-        });
+        let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = read_serving_addr(lines, &mut child, "llama-loader")?;
         Ok(Self { child, addr })
     }
 
@@ -178,12 +159,167 @@ impl Drop for LoaderProcess {
     }
 }
 
-/// The address in the loader's `loader serving` log line.
+/// Reads a service's JSON log until its `serving` line, then keeps draining (echoed to our
+/// stderr with LLAMA_TEST_ECHO_LOGS set) so the child never blocks on a full pipe.
+fn read_serving_addr(
+    mut lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
+    child: &mut Child,
+    name: &str,
+) -> anyhow::Result<SocketAddr> {
+    let addr = loop {
+        let Some(line) = lines.next() else {
+            let status = child.wait()?;
+            bail!("{name} exited ({status}) before serving");
+        };
+        if let Some(addr) = serving_addr(&line?) {
+            break addr;
+        }
+    };
+    let echo = std::env::var_os("LLAMA_TEST_ECHO_LOGS").is_some();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if echo {
+                eprintln!("[{name}] {line}");
+            }
+        }
+    });
+    Ok(addr)
+}
+
+/// The address in a service's `... serving` log line.
 fn serving_addr(line: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
-    if fields.get("message")?.as_str()? != "loader serving" {
+    if !fields.get("message")?.as_str()?.ends_with(" serving") {
         return None;
     }
     fields.get("addr")?.as_str()?.parse().ok()
+}
+
+/// Mirror + loader + generator, all on ephemeral ports in this process: what a generator
+/// test needs to reach a real model through the real download path.
+pub struct GeneratorStack {
+    pub mirror: crate::mirror::Mirror,
+    pub loader: Option<InProcessLoader>,
+    pub generator: llama_agent_client::GeneratorClient,
+    pub generator_addr: SocketAddr,
+    _cache: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+pub const GEMMA_REPO: &str = "test/gemma-3-270m-GGUF";
+
+impl GeneratorStack {
+    pub async fn start(config: llama_generator::GeneratorConfig) -> anyhow::Result<Self> {
+        let repo = crate::mirror::RepoSpec::new(GEMMA_REPO).file(GEMMA_FILE, model(GEMMA_FILE));
+        let mirror =
+            crate::mirror::Mirror::start(crate::mirror::MirrorConfig::new().repo(repo)).await?;
+        let cache = tempfile::tempdir()?;
+        let loader = InProcessLoader::start(LoaderConfig::new(
+            cache.path().to_path_buf(),
+            mirror.base_url(),
+        ))
+        .await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let generator_addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let loader_client = loader.client.clone();
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = llama_generator::run(config, loader_client, listener, shutdown).await {
+                panic!("generator failed: {e}");
+            }
+        });
+        let generator =
+            llama_agent_client::GeneratorClient::connect(&format!("http://{generator_addr}"))?;
+        Ok(Self {
+            mirror,
+            loader: Some(loader),
+            generator,
+            generator_addr,
+            _cache: cache,
+            stop: Some(stop),
+        })
+    }
+
+    /// Stops the loader (the generator keeps running).
+    pub async fn stop_loader(&mut self) {
+        if let Some(l) = self.loader.take() {
+            l.stop().await;
+        }
+    }
+}
+
+impl Drop for GeneratorStack {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A workspace service binary (`llama-generator`, `llama-embedder`) as a child process on an
+/// ephemeral port, read back from its JSON `<name> serving` log line.
+pub struct ServiceProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServiceProcess {
+    pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_bin(bin))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {bin}"))?;
+        let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = read_serving_addr(lines, &mut child, bin)?;
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `hub-mirror` binary as a child process (benchmarks: a mirror that does not share the
+/// measuring process's runtime), serving `repo` with `file`.
+pub struct MirrorProcess {
+    child: Child,
+    pub base_url: String,
+}
+
+impl MirrorProcess {
+    pub fn spawn(repo: &str, file: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_bin("hub-mirror"))
+            .arg("--repo")
+            .arg(format!("{repo}={}", file.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let base_url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .context("mirror banner")?
+            .to_string();
+        Ok(Self { child, base_url })
+    }
+}
+
+impl Drop for MirrorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -2,6 +2,8 @@
 //! crate, to a remote service (`--*-endpoint`) or to the same service run in this process.
 
 mod cache;
+mod embed;
+mod generate;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +54,10 @@ enum Command {
         #[command(subcommand)]
         command: cache::CacheCommand,
     },
+    /// Generate text, printed as it arrives.
+    Generate(Box<generate::GenerateArgs>),
+    /// Embed texts from a .txt/.jsonl file (or stdin) into a Parquet file.
+    Embed(Box<embed::EmbedArgs>),
 }
 
 #[tokio::main]
@@ -59,7 +65,7 @@ async fn main() {
     let cli = Cli::parse();
     if std::env::var_os("RUST_LOG").is_none() {
         // Progress and results go to the terminal; logs only when asked for.
-        std::env::set_var("RUST_LOG", "warn");
+        std::env::set_var("RUST_LOG", "warn,llama-cpp-2=error");
     }
     telemetry::init(cli.log_format);
     if let Err(e) = run(cli).await {
@@ -89,6 +95,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cache { command } => {
             let loader = loader_client(&cli.loader_endpoint, &cli.loader).await?;
             cache::run(&loader, command).await
+        }
+        Command::Generate(args) => {
+            generate::run(*args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
+        }
+        Command::Embed(args) => {
+            embed::run(*args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
         }
     }
 }

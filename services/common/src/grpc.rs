@@ -111,3 +111,36 @@ pub fn in_process(router: Router) -> tonic::transport::Channel {
             }
         }))
 }
+
+/// When the caller's `grpc-timeout` runs out, as an instant (`None` without one).
+pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (value, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let value: u64 = value.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(value.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(value.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(value),
+        "m" => std::time::Duration::from_millis(value),
+        "u" => std::time::Duration::from_micros(value),
+        "n" => std::time::Duration::from_nanos(value),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert!(super::deadline(&md).is_none());
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        let d = super::deadline(&md).unwrap() - std::time::Instant::now();
+        assert!(
+            d <= std::time::Duration::from_millis(250) && d > std::time::Duration::from_millis(200)
+        );
+        md.insert("grpc-timeout", "7x".parse().unwrap());
+        assert!(super::deadline(&md).is_none());
+    }
+}

@@ -6,13 +6,13 @@
 //! Usage: bench-loader [--runs N] [--hits N] [--model PATH]
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use llama_agent_client::proto::loader::v1::EnsureModelRequest;
-use llama_agent_tests::support::{model, workspace_bin, LoaderProcess, GEMMA_FILE};
+use llama_agent_tests::support::{model, LoaderProcess, MirrorProcess, GEMMA_FILE};
 
 #[derive(Parser)]
 struct Args {
@@ -40,21 +40,8 @@ async fn main() -> anyhow::Result<()> {
         .to_string();
     let size = std::fs::metadata(&file)?.len();
 
-    let mut mirror = Command::new(workspace_bin("hub-mirror"))
-        .arg("--repo")
-        .arg(format!("{REPO}={}", file.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let base = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(mirror.stdout.take().context("stdout")?).read_line(&mut line)?;
-        line.trim()
-            .strip_prefix("listening on ")
-            .context("mirror banner")?
-            .to_string()
-    };
+    let mirror = MirrorProcess::spawn(REPO, &file)?;
+    let base = mirror.base_url.clone();
     let url = format!("{base}/{REPO}/resolve/main/{name}");
     let work = tempfile::tempdir()?;
     let loader = LoaderProcess::spawn(&work.path().join("cache"), &base, &[])?;
@@ -100,7 +87,6 @@ async fn main() -> anyhow::Result<()> {
             bail!("expected a cache hit");
         }
     }
-    let _ = mirror.kill();
 
     let mb = |d: Duration| size as f64 / d.as_secs_f64() / 1e6;
     let (curl_med, loader_med) = (median(&mut curl_s), median(&mut loader_s));

@@ -1,0 +1,183 @@
+//! Client of llama_agent.embedder.v1.EmbedderService.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use llama_agent_proto::embedder::v1 as pb;
+use llama_agent_proto::embedder::v1::embedder_service_client::EmbedderServiceClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::IntoRequest;
+
+use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
+
+/// Largest message sent or accepted: a batch of wide vectors (the server's own limit).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Stream batches queued on the client before `send` waits: with the server's own bounded
+/// pipeline this keeps a producer that outruns the model from buffering its whole input.
+const STREAM_SEND_AHEAD: usize = 2;
+
+#[derive(Clone)]
+pub struct EmbedderClient {
+    inner: EmbedderServiceClient<Channel>,
+    retry: RetryPolicy,
+    deadline: Duration,
+}
+
+impl EmbedderClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            inner: EmbedderServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            retry: RetryPolicy::default(),
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+
+    pub fn connect(uri: &str) -> Result<Self, ClientError> {
+        Ok(Self::new(crate::channel(uri)?))
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Deadline of each unary `embed` call (streams have none unless the caller sets one).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Embeds `req.texts` in one call. Retried on UNAVAILABLE and RESOURCE_EXHAUSTED
+    /// (embedding is idempotent).
+    pub async fn embed(&self, req: pb::EmbedRequest) -> Result<pb::EmbedResponse, ClientError> {
+        let r = self
+            .retry
+            .run(|| {
+                let mut c = self.inner.clone();
+                let mut request = req.clone().into_request();
+                request.set_timeout(self.deadline);
+                async move { c.embed(request).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Opens EmbedStream with its first batch (which names the model and options). Batches
+    /// go in with [`EmbedSender::send`]; answers come out of the stream in the same order.
+    /// Not retried: a stream that fails is the caller's to resume.
+    pub async fn embed_stream(
+        &self,
+        first: pb::EmbedStreamRequest,
+    ) -> Result<
+        (
+            EmbedSender,
+            impl Stream<Item = Result<pb::EmbedStreamResponse, ClientError>>,
+        ),
+        ClientError,
+    > {
+        let (tx, rx) = mpsc::channel(STREAM_SEND_AHEAD);
+        // The server answers the call once it has read the first batch.
+        tx.send(first).await.map_err(|_| ClientError::Incomplete)?;
+        let outbound =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let mut c = self.inner.clone();
+        let inbound = c.embed_stream(outbound).await?.into_inner();
+        Ok((
+            EmbedSender { tx },
+            inbound.map(|r| r.map_err(ClientError::from)),
+        ))
+    }
+}
+
+/// The sending half of an EmbedStream; dropping it (or `finish`) half-closes the stream.
+pub struct EmbedSender {
+    tx: mpsc::Sender<pb::EmbedStreamRequest>,
+}
+
+impl EmbedSender {
+    /// Queues a batch, waiting while the server is behind (flow control reaches back here).
+    pub async fn send(&self, items: Vec<pb::TextItem>) -> Result<(), ClientError> {
+        let msg = pb::EmbedStreamRequest {
+            items,
+            ..Default::default()
+        };
+        self.tx.send(msg).await.map_err(|_| ClientError::Incomplete)
+    }
+
+    /// No more batches: the server answers what it has and ends the stream.
+    pub fn finish(self) {}
+}
+
+/// The vectors of `e` as f32 rows (f16 widened), or `None` when the bytes do not hold
+/// `count * dim` values of the declared type.
+pub fn decode_vectors(e: &pb::Embeddings) -> Option<Vec<f32>> {
+    let n = e.count as usize * e.dim as usize;
+    match pb::DType::try_from(e.dtype).ok()? {
+        pb::DType::F16 => (e.data.len() == n * 2).then(|| {
+            e.data
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect()
+        }),
+        pb::DType::F32 | pb::DType::Unspecified => (e.data.len() == n * 4).then(|| {
+            e.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        }),
+    }
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1f);
+    let man = f32::from(h & 0x3ff);
+    match exp {
+        0 => sign * man * 2f32.powi(-24),
+        0x1f if man == 0.0 => sign * f32::INFINITY,
+        0x1f => f32::NAN,
+        e => sign * (1.0 + man / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_decode_from_both_dtypes() {
+        let f32s = pb::Embeddings {
+            dtype: pb::DType::F32 as i32,
+            dim: 2,
+            count: 1,
+            data: [1.5f32, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(decode_vectors(&f32s), Some(vec![1.5, -2.0]));
+        let f16s = pb::Embeddings {
+            dtype: pb::DType::F16 as i32,
+            dim: 3,
+            count: 1,
+            data: [0x3c00u16, 0xc000, 0x0001]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(decode_vectors(&f16s), Some(vec![1.0, -2.0, 2f32.powi(-24)]));
+        let short = pb::Embeddings {
+            dim: 4,
+            count: 1,
+            data: vec![0; 8],
+            ..Default::default()
+        };
+        assert_eq!(decode_vectors(&short), None);
+    }
+}

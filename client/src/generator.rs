@@ -1,0 +1,88 @@
+//! Client of llama_agent.generator.v1.GeneratorService.
+
+use futures::{Stream, StreamExt};
+use llama_agent_proto::generator::v1 as pb;
+use llama_agent_proto::generator::v1::generator_service_client::GeneratorServiceClient;
+use tonic::transport::Channel;
+
+use crate::{ClientError, RetryPolicy};
+
+#[derive(Clone)]
+pub struct GeneratorClient {
+    inner: GeneratorServiceClient<Channel>,
+    retry: RetryPolicy,
+}
+
+/// The whole answer of one Generate stream, for callers that do not stream.
+#[derive(Clone, Debug, Default)]
+pub struct Generated {
+    pub text: String,
+    pub token_ids: Vec<i32>,
+    pub done: pb::GenerateDone,
+}
+
+impl GeneratorClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            inner: GeneratorServiceClient::new(channel),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn connect(uri: &str) -> Result<Self, ClientError> {
+        Ok(Self::new(crate::channel(uri)?))
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Generate as a stream of chunks ending with the done message. Opening the stream is
+    /// retried on UNAVAILABLE and RESOURCE_EXHAUSTED (nothing was generated yet); a stream
+    /// that breaks midway is not. Dropping the stream cancels the generation.
+    pub async fn generate_stream(
+        &self,
+        req: pb::GenerateRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<impl Stream<Item = Result<pb::GenerateResponse, ClientError>>, ClientError> {
+        let stream = self
+            .retry
+            .run(|| {
+                let mut c = self.inner.clone();
+                let mut request = tonic::Request::new(req.clone());
+                if let Some(d) = deadline {
+                    request.set_timeout(d);
+                }
+                async move { c.generate(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(stream.map(|r| r.map_err(ClientError::from)))
+    }
+
+    /// Generate to the end; `on_chunk` sees each chunk as it arrives.
+    pub async fn generate(
+        &self,
+        req: pb::GenerateRequest,
+        mut on_chunk: impl FnMut(&pb::TextChunk),
+    ) -> Result<Generated, ClientError> {
+        let mut stream = std::pin::pin!(self.generate_stream(req, None).await?);
+        let mut out = Generated::default();
+        while let Some(msg) = stream.next().await {
+            match msg?.event {
+                Some(pb::generate_response::Event::Chunk(c)) => {
+                    on_chunk(&c);
+                    out.text.push_str(&c.text);
+                    out.token_ids.extend_from_slice(&c.token_ids);
+                }
+                Some(pb::generate_response::Event::Done(d)) => {
+                    out.done = d;
+                    return Ok(out);
+                }
+                None => {}
+            }
+        }
+        Err(ClientError::Incomplete)
+    }
+}

@@ -1,0 +1,86 @@
+//! Embedder settings: flags with environment fallbacks, validated before anything binds.
+
+use llama_agent_engine::embed::MAX_SEQS;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct EmbedderConfig {
+    /// llama.cpp threads (default: every core).
+    #[arg(long, env = "LLAMA_EMBEDDER_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Model layers offloaded to the GPU (needs a CUDA/Metal build).
+    #[arg(long, env = "LLAMA_N_GPU_LAYERS", default_value_t = 0)]
+    pub n_gpu_layers: u32,
+
+    /// Models kept loaded; the least recently used is unloaded (and its lease released) first.
+    #[arg(long, env = "LLAMA_EMBEDDER_MAX_MODELS", default_value_t = 1)]
+    pub max_models: usize,
+
+    /// Tokens per llama.cpp batch, packed from many texts (and requests). Also the most
+    /// tokens one text may have: a text is never split across batches.
+    #[arg(long, env = "LLAMA_EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: u32,
+
+    /// Texts per llama.cpp batch at most.
+    #[arg(long, env = "LLAMA_EMBEDDER_MAX_SEQS_PER_BATCH", default_value_t = 64)]
+    pub max_seqs_per_batch: u32,
+
+    /// Requests (or stream batches) waiting for the engine, per model, before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LLAMA_EMBEDDER_QUEUE_DEPTH", default_value_t = 64)]
+    pub queue_depth: usize,
+
+    /// Models to load before reporting SERVING (repeatable).
+    #[arg(long, env = "LLAMA_EMBEDDER_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+}
+
+impl Default for EmbedderConfig {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            n_gpu_layers: 0,
+            max_models: 1,
+            max_batch_tokens: 2048,
+            max_seqs_per_batch: 64,
+            queue_depth: 64,
+            preload: Vec::new(),
+        }
+    }
+}
+
+impl EmbedderConfig {
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get)
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (
+                self.threads == Some(0),
+                "--threads must be at least 1".to_string(),
+            ),
+            (
+                self.max_models == 0,
+                "--max-models must be at least 1".to_string(),
+            ),
+            (
+                self.max_batch_tokens < 8,
+                "--max-batch-tokens must be at least 8".to_string(),
+            ),
+            (
+                self.max_seqs_per_batch == 0 || self.max_seqs_per_batch > MAX_SEQS,
+                format!("--max-seqs-per-batch must be 1 to {MAX_SEQS}"),
+            ),
+            (
+                self.queue_depth == 0,
+                "--queue-depth must be at least 1".to_string(),
+            ),
+        ];
+        match checks.into_iter().find(|(bad, _)| *bad) {
+            Some((_, msg)) => Err(msg),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! llama-agent's embedder: a stateless service embedding batches of texts with GGUF models.
+//! Models come from the loader (leased while loaded); each loaded model is one engine thread
+//! that packs texts of every concurrent request into llama.cpp batches.
+
+pub mod config;
+mod convert;
+mod error;
+pub mod service;
+mod stream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::EmbedderConfig;
+pub use convert::MAX_TEXTS;
+pub use error::EmbedderError;
+use llama_agent_client::LoaderClient;
+use llama_agent_engine::embed::{EmbeddingEngine, EmbeddingOptions};
+use llama_agent_engine::LoadOptions;
+use llama_agent_models::ModelPool;
+use llama_agent_proto::embedder::v1::embedder_service_server::{
+    EmbedderServiceServer, SERVICE_NAME,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("preloading {model}: {reason}")]
+    Preload { model: String, reason: String },
+}
+
+/// Largest message the embedder accepts or sends: a full batch of long texts in, a full
+/// batch of wide vectors out (4096 texts x 4096 dims x 4 bytes is 64 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<EmbeddingEngine>> {
+    let opts = EmbeddingOptions {
+        load: LoadOptions {
+            n_gpu_layers: config.n_gpu_layers,
+            threads: config.threads() as i32,
+        },
+        max_batch_tokens: config.max_batch_tokens,
+        max_seqs_per_batch: config.max_seqs_per_batch,
+        queue: config.queue_depth,
+    };
+    let holder = format!(
+        "llama-embedder@{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string())
+    );
+    ModelPool::new(
+        loader,
+        holder,
+        config.max_models,
+        Arc::new(move |path| EmbeddingEngine::load(path, opts.clone())),
+    )
+}
+
+/// The router (health, reflection, EmbedderService); SERVING once preloads are done.
+async fn build(
+    config: &EmbedderConfig,
+    loader: LoaderClient,
+) -> Result<tonic::transport::server::Router, ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let pool = pool(config, loader);
+    let (router, health) = llama_agent_common::grpc::base_router(&[SERVICE_NAME]).await?;
+    let svc = EmbedderServiceServer::new(service::EmbedderGrpc::new(Arc::clone(&pool)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = router.add_service(svc);
+    for model in &config.preload {
+        pool.get(model).await.map_err(|e| ServeError::Preload {
+            model: model.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
+    Ok(router)
+}
+
+/// Serves the embedder on `listener` until `shutdown` resolves. `main` and the tests call this.
+pub async fn run(
+    config: EmbedderConfig,
+    loader: LoaderClient,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let router = build(&config, loader).await?;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(%addr, "embedder serving");
+    Ok(llama_agent_common::grpc::serve_tcp(router, listener, shutdown).await?)
+}
+
+/// The embedder inside this process, reached through a channel that speaks the same gRPC.
+pub async fn in_process(
+    config: &EmbedderConfig,
+    loader: LoaderClient,
+) -> Result<tonic::transport::Channel, ServeError> {
+    let router = build(config, loader).await?;
+    Ok(llama_agent_common::grpc::in_process(router))
+}

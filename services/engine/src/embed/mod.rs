@@ -1,0 +1,11 @@
+//! Embeddings: texts from any number of concurrent requests are packed, many sequences per
+//! llama.cpp batch up to a token budget, on one engine thread per model; vectors are pooled,
+//! truncated (Matryoshka) and normalized here, so a request may choose its own pooling.
+
+mod batcher;
+mod engine;
+mod request;
+mod vectors;
+
+pub use engine::{EmbeddingEngine, EmbeddingOptions, Reply, MAX_SEQS};
+pub use request::{EmbedParams, EmbedRequest, Embedded, Pooling};

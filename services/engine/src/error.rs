@@ -1,0 +1,15 @@
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    #[error("loading model {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("request queue is full ({0} waiting); retry later")]
+    QueueFull(usize),
+    #[error("the engine stopped")]
+    Stopped,
+    #[error("llama.cpp: {0}")]
+    Llama(String),
+}

@@ -1,0 +1,467 @@
+//! The generation engine thread and its continuous-batching loop.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::request::{FinishReason, GenEvent, GenRequest, Prompt, Sampling};
+use super::slot::{Phase, Slot};
+use crate::model::{self, LoadOptions, ModelMeta};
+use crate::{init_backend, EngineError};
+
+/// Events buffered per request before the engine coalesces text for a slow reader.
+const EVENTS_PER_REQUEST: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub load: LoadOptions,
+    /// Context per sequence (0 = the model's training context, at most 4096).
+    pub ctx_per_seq: u32,
+    /// Sequences decoded together.
+    pub parallel: u32,
+    /// Tokens per decode call (prompt chunks + one per generating sequence).
+    pub n_batch: u32,
+    /// Requests waiting for a free sequence before RESOURCE_EXHAUSTED.
+    pub queue: usize,
+}
+
+struct Job {
+    req: GenRequest,
+    events: mpsc::Sender<GenEvent>,
+    submitted: Instant,
+}
+
+/// A loaded model with its context, on its own thread.
+pub struct GenerationEngine {
+    jobs: mpsc::Sender<Job>,
+    meta: ModelMeta,
+    ctx_per_seq: u32,
+    queue: usize,
+}
+
+impl GenerationEngine {
+    /// Loads `path` on a new thread; returns once the model and context are ready.
+    pub fn load(path: &Path, opts: GenerateOptions) -> Result<Self, EngineError> {
+        if opts.parallel == 0 || opts.n_batch == 0 || opts.queue == 0 {
+            return Err(EngineError::InvalidRequest(
+                "parallel, batch size and queue must be at least 1".into(),
+            ));
+        }
+        // The queue is the channel: a full channel is a full queue.
+        let (jobs, rx) = mpsc::channel::<Job>(opts.queue);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path: PathBuf = path.to_path_buf();
+        let queue = opts.queue;
+        std::thread::Builder::new()
+            .name(format!(
+                "llama-gen-{}",
+                name.chars().take(20).collect::<String>()
+            ))
+            .spawn(move || run(&path, opts, rx, ready_tx))
+            .map_err(|e| EngineError::Backend(e.to_string()))?;
+        let (meta, ctx_per_seq) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        Ok(Self {
+            jobs,
+            meta,
+            ctx_per_seq,
+            queue,
+        })
+    }
+
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    pub fn ctx_per_seq(&self) -> u32 {
+        self.ctx_per_seq
+    }
+
+    /// Queues a request. Never blocks: a full queue is an error the caller turns into
+    /// RESOURCE_EXHAUSTED. Events end with exactly one `Done` or `Failed`.
+    pub fn submit(&self, req: GenRequest) -> Result<mpsc::Receiver<GenEvent>, EngineError> {
+        let (events, rx) = mpsc::channel(EVENTS_PER_REQUEST);
+        let job = Job {
+            req,
+            events,
+            submitted: Instant::now(),
+        };
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue),
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        })?;
+        Ok(rx)
+    }
+}
+
+type Ready = std::sync::mpsc::SyncSender<Result<(ModelMeta, u32), EngineError>>;
+
+fn run(path: &Path, opts: GenerateOptions, rx: mpsc::Receiver<Job>, ready: Ready) {
+    let model = match model::load(path, &opts.load) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let meta = model::meta(&model);
+    let ctx_per_seq = match opts.ctx_per_seq {
+        0 => meta.n_ctx_train.min(4096),
+        n => n.min(meta.n_ctx_train),
+    };
+    let ctx = match new_context(&model, &opts, ctx_per_seq) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok((meta, ctx_per_seq))).is_err() {
+        return;
+    }
+    let mut engine = Engine {
+        model: &model,
+        ctx,
+        batch: LlamaBatch::new(opts.n_batch as usize, opts.parallel as i32),
+        slots: (0..opts.parallel).map(|_| None).collect(),
+        n_batch: opts.n_batch as usize,
+        ctx_per_seq: ctx_per_seq as usize,
+    };
+    engine.serve(rx);
+    tracing::info!(model = %path.display(), "generation engine stopped");
+}
+
+fn new_context<'m>(
+    model: &'m LlamaModel,
+    opts: &GenerateOptions,
+    ctx_per_seq: u32,
+) -> Result<LlamaContext<'m>, EngineError> {
+    let n_ctx = ctx_per_seq * opts.parallel;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(opts.n_batch)
+        .with_n_ubatch(opts.n_batch.min(512))
+        .with_n_seq_max(opts.parallel)
+        .with_n_threads(opts.load.threads)
+        .with_n_threads_batch(opts.load.threads)
+        // One KV pool for all sequences: a long one may use what short ones leave.
+        .with_kv_unified(true);
+    model
+        .new_context(init_backend()?, params)
+        .map_err(|e| EngineError::Llama(format!("creating the context: {e}")))
+}
+
+struct Engine<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    slots: Vec<Option<Slot>>,
+    n_batch: usize,
+    ctx_per_seq: usize,
+}
+
+impl Engine<'_> {
+    fn serve(&mut self, mut rx: mpsc::Receiver<Job>) {
+        loop {
+            // Admit waiting requests into free sequences; sleep when there is nothing to do.
+            while let Some(free) = self.slots.iter().position(Option::is_none) {
+                let job = if self.slots.iter().all(Option::is_none) {
+                    match rx.blocking_recv() {
+                        Some(j) => j,
+                        None => return,
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    }
+                };
+                self.admit(free, job);
+            }
+            self.retire();
+            if self
+                .slots
+                .iter()
+                .flatten()
+                .any(|s| !matches!(s.phase, Phase::Draining))
+            {
+                self.step();
+            } else if self.slots.iter().any(Option::is_some) {
+                // Only slow readers left: wait a little for them instead of spinning.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    }
+
+    fn admit(&mut self, seq: usize, job: Job) {
+        let span = job.req.span.clone();
+        let _entered = span.enter();
+        let started = Instant::now();
+        match self.prepare(&job.req) {
+            Ok((prompt, sampler)) => {
+                let max_tokens = match job.req.max_tokens {
+                    0 => u32::MAX,
+                    n => n,
+                };
+                tracing::debug!(seq, prompt_tokens = prompt.len(), "sequence admitted");
+                self.slots[seq] = Some(Slot {
+                    seq: seq as i32,
+                    prompt,
+                    n_past: 0,
+                    phase: Phase::Prefill,
+                    sampler,
+                    max_tokens,
+                    generated: 0,
+                    deadline: job.req.deadline,
+                    span: job.req.span.clone(),
+                    events: job.events,
+                    utf8: Default::default(),
+                    stops: crate::text::StopMatcher::new(job.req.stop.clone()),
+                    out_text: String::new(),
+                    out_tokens: Vec::new(),
+                    done: None,
+                    submitted: job.submitted,
+                    started,
+                    first_token: None,
+                });
+            }
+            Err(e) => {
+                let _ = job.events.try_send(GenEvent::Failed(e));
+            }
+        }
+    }
+
+    /// Renders and tokenizes the prompt, checks it fits, builds the sampler.
+    fn prepare(&self, req: &GenRequest) -> Result<(Vec<LlamaToken>, LlamaSampler), EngineError> {
+        let text = match &req.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat { messages, template } => {
+                self.render_chat(messages, template.as_deref())?
+            }
+        };
+        // As llama.cpp's server: BOS when the model wants one, special tokens parsed.
+        let prompt = self.model.vocab().tokenize(text.as_bytes(), true, true);
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt.len() >= self.ctx_per_seq {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens but the context holds {} per sequence (at least one must be left to generate)",
+                prompt.len(),
+                self.ctx_per_seq
+            )));
+        }
+        let mut sampler = sampler_for(&req.sampling, self.model.n_vocab());
+        // The repeat penalty looks at the prompt too, as llama.cpp's server does.
+        sampler.accept_many(prompt.iter());
+        Ok((prompt, sampler))
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[super::request::ChatMessage],
+        template: Option<&str>,
+    ) -> Result<String, EngineError> {
+        let tmpl = match template {
+            Some(name) => LlamaChatTemplate::new(name)
+                .map_err(|_| EngineError::InvalidRequest("chat template name contains NUL".into()))?,
+            None => self.model.chat_template(None).map_err(|_| {
+                EngineError::InvalidRequest(
+                    "this model has no chat template in its file; name one (e.g. \"gemma\", \"chatml\") or send a plain prompt".into(),
+                )
+            })?,
+        };
+        let chat = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::InvalidRequest(format!("chat message: {e}")))?;
+        self.model
+            .apply_chat_template(&tmpl, &chat, true)
+            .map_err(|e| {
+                EngineError::InvalidRequest(match template {
+                    Some(name) => {
+                        format!("chat template '{name}' is not one llama.cpp knows ({e})")
+                    }
+                    None => format!("applying the model's chat template: {e}"),
+                })
+            })
+    }
+
+    /// Stops sequences whose client left or whose deadline passed, and frees slots that
+    /// delivered everything.
+    fn retire(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some(slot) = &mut self.slots[i] else {
+                continue;
+            };
+            let gone = slot.client_gone();
+            if gone && !matches!(slot.phase, Phase::Draining) {
+                slot.finish(FinishReason::Cancelled);
+                tracing::debug!(parent: &slot.span, seq = slot.seq, "client gone; sequence cancelled");
+                self.free_kv(i);
+            }
+            let slot = self.slots[i].as_mut().expect("checked above");
+            if !slot.flush() || slot.drained() || gone {
+                if !matches!(slot.phase, Phase::Draining) {
+                    self.free_kv(i);
+                }
+                self.slots[i] = None;
+            }
+        }
+    }
+
+    fn free_kv(&mut self, seq: usize) {
+        if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
+            tracing::warn!(seq, error = %e, "freeing KV cells");
+        }
+    }
+
+    /// One decode call: a token for each generating sequence, then prompt chunks while the
+    /// batch has room (a long prompt takes several steps, so others keep generating and a
+    /// cancelled prompt stops between chunks).
+    fn step(&mut self) {
+        self.batch.clear();
+        let mut logit_rows: Vec<(usize, i32)> = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(slot) = slot else { continue };
+            if let Phase::Decode(token) = slot.phase {
+                let row = self.batch.n_tokens();
+                if self
+                    .batch
+                    .add(token, slot.n_past as i32, &[slot.seq], true)
+                    .is_err()
+                {
+                    break;
+                }
+                slot.n_past += 1;
+                logit_rows.push((i, row));
+            }
+        }
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(slot) = slot else { continue };
+            if !matches!(slot.phase, Phase::Prefill) {
+                continue;
+            }
+            let room = self.n_batch.saturating_sub(self.batch.n_tokens() as usize);
+            if room == 0 {
+                break;
+            }
+            let end = (slot.n_past + room).min(slot.prompt.len());
+            for pos in slot.n_past..end {
+                let last = pos + 1 == slot.prompt.len();
+                let row = self.batch.n_tokens();
+                if self
+                    .batch
+                    .add(slot.prompt[pos], pos as i32, &[slot.seq], last)
+                    .is_err()
+                {
+                    break;
+                }
+                if last {
+                    logit_rows.push((i, row));
+                }
+                slot.n_past = pos + 1;
+            }
+        }
+        if self.batch.n_tokens() == 0 {
+            return;
+        }
+        if let Err(e) = self.ctx.decode(&mut self.batch) {
+            // The KV pool is exhausted (or llama.cpp failed): fail the sequences in this batch.
+            tracing::error!(error = %e, "decode failed");
+            for i in 0..self.slots.len() {
+                if let Some(slot) = &mut self.slots[i] {
+                    if !matches!(slot.phase, Phase::Draining) {
+                        let _ =
+                            slot.events
+                                .try_send(GenEvent::Failed(EngineError::Llama(format!(
+                                    "decode failed: {e}"
+                                ))));
+                        self.free_kv(i);
+                        self.slots[i] = None;
+                    }
+                }
+            }
+            return;
+        }
+        for (i, row) in logit_rows {
+            self.sample(i, row);
+        }
+    }
+
+    fn sample(&mut self, i: usize, row: i32) {
+        let model = self.model;
+        let ctx_per_seq = self.ctx_per_seq;
+        let Some(slot) = self.slots[i].as_mut() else {
+            return;
+        };
+        let token = slot.sampler.sample(&self.ctx, row);
+        slot.generated += 1;
+        if slot.first_token.is_none() {
+            slot.first_token = Some(Instant::now());
+        }
+        let vocab = model.vocab();
+        let finish = if vocab.is_eog(token) {
+            Some(FinishReason::Stop)
+        } else {
+            let bytes = vocab.token_to_piece(token, false, None);
+            if slot.push_token(token.0, &bytes) {
+                Some(FinishReason::StopSequence)
+            } else if slot.generated >= slot.max_tokens || slot.n_past + 1 >= ctx_per_seq {
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        match finish {
+            Some(reason) => {
+                slot.finish(reason);
+                self.free_kv(i);
+            }
+            None => slot.phase = Phase::Decode(token),
+        }
+    }
+}
+
+/// llama.cpp's sampler order: penalties, top-k, top-p, min-p, temperature, then the draw
+/// (or greedy when temperature is 0).
+fn sampler_for(s: &Sampling, n_vocab: i32) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if s.repeat_penalty != 1.0 {
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            s.repeat_last_n,
+            s.repeat_penalty,
+            0.0,
+            0.0,
+        ));
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if s.top_k > 0 {
+            chain.push(LlamaSampler::top_k(s.top_k));
+        }
+        if s.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(s.top_p, 1));
+        }
+        if s.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(s.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(s.temperature));
+        chain.push(LlamaSampler::dist(s.seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}

@@ -1,0 +1,9 @@
+//! Text generation with continuous batching: up to `parallel` sequences share one llama.cpp
+//! context and one decode step per token; new requests join between steps.
+
+mod engine;
+mod request;
+mod slot;
+
+pub use engine::{GenerateOptions, GenerationEngine};
+pub use request::{ChatMessage, FinishReason, GenDone, GenEvent, GenRequest, Prompt, Sampling};

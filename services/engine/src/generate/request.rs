@@ -1,0 +1,102 @@
+//! What a generation request says and what comes back.
+
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Tokenized as is, with BOS when the model asks for one.
+    Text(String),
+    /// Rendered with `template` (a llama.cpp built-in name) or the model's own template.
+    Chat {
+        messages: Vec<ChatMessage>,
+        template: Option<String>,
+    },
+}
+
+/// Sampling settings, already validated. llama.cpp's defaults where a request is silent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: i32,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
+    /// 1 = off.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: i32,
+    pub seed: u32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+    /// 0 = until the sequence's context is full.
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    /// Past this instant the sequence stops (gRPC deadline).
+    pub deadline: Option<Instant>,
+    /// The request's span, entered on the engine thread while it works for this request.
+    pub span: tracing::Span,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Stop,
+    Length,
+    StopSequence,
+    Cancelled,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenDone {
+    pub finish: FinishReason,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub queue_ms: f64,
+    pub ttft_ms: f64,
+    pub prompt_ms: f64,
+    pub decode_ms: f64,
+}
+
+impl GenDone {
+    /// Tokens per second after the first token.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        if self.decode_ms > 0.0 && self.completion_tokens > 1 {
+            (self.completion_tokens - 1) as f64 * 1000.0 / self.decode_ms
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum GenEvent {
+    Chunk { text: String, tokens: Vec<i32> },
+    Done(GenDone),
+    Failed(crate::EngineError),
+}

@@ -1,0 +1,14 @@
+//! llama.cpp engines. A llama.cpp context is not shareable across threads, so each engine
+//! is one named thread owning its model and context, fed by a bounded channel; callers
+//! submit work and receive results over channels and never block an async runtime.
+
+mod backend;
+pub mod embed;
+mod error;
+pub mod generate;
+mod model;
+pub mod text;
+
+pub use backend::init_backend;
+pub use error::EngineError;
+pub use model::{LoadOptions, ModelMeta};

@@ -1,0 +1,83 @@
+//! Generator settings: flags with environment fallbacks, validated before anything binds.
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct GeneratorConfig {
+    /// llama.cpp threads (default: every core).
+    #[arg(long, env = "LLAMA_GENERATOR_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Model layers offloaded to the GPU (needs a CUDA/Metal build).
+    #[arg(long, env = "LLAMA_N_GPU_LAYERS", default_value_t = 0)]
+    pub n_gpu_layers: u32,
+
+    /// Models kept loaded; the least recently used is unloaded (and its lease released) first.
+    #[arg(long, env = "LLAMA_GENERATOR_MAX_MODELS", default_value_t = 1)]
+    pub max_models: usize,
+
+    /// Sequences decoded together in one context (continuous batching).
+    #[arg(long, env = "LLAMA_GENERATOR_PARALLEL", default_value_t = 4)]
+    pub parallel: u32,
+
+    /// Context per sequence in tokens (0 = the model's, at most 4096).
+    #[arg(long, env = "LLAMA_GENERATOR_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: u32,
+
+    /// Tokens per decode call (prompt chunks plus one per generating sequence).
+    #[arg(long, env = "LLAMA_GENERATOR_BATCH_SIZE", default_value_t = 512)]
+    pub batch_size: u32,
+
+    /// Requests waiting for a free sequence, per model, before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LLAMA_GENERATOR_QUEUE_DEPTH", default_value_t = 64)]
+    pub queue_depth: usize,
+
+    /// Models to load before reporting SERVING (repeatable).
+    #[arg(long, env = "LLAMA_GENERATOR_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            n_gpu_layers: 0,
+            max_models: 1,
+            parallel: 4,
+            ctx_size: 4096,
+            batch_size: 512,
+            queue_depth: 64,
+            preload: Vec::new(),
+        }
+    }
+}
+
+impl GeneratorConfig {
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get)
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (self.threads == Some(0), "--threads must be at least 1"),
+            (self.max_models == 0, "--max-models must be at least 1"),
+            (
+                self.parallel == 0 || self.parallel > 256,
+                "--parallel must be 1 to 256",
+            ),
+            (
+                self.batch_size < self.parallel,
+                "--batch-size must be at least --parallel",
+            ),
+            (self.queue_depth == 0, "--queue-depth must be at least 1"),
+            (
+                self.ctx_size != 0 && self.ctx_size < 16,
+                "--ctx-size must be 0 or at least 16",
+            ),
+        ];
+        match checks.iter().find(|(bad, _)| *bad) {
+            Some((_, msg)) => Err(msg.to_string()),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! llama-agent's generator: a stateless service streaming tokens from GGUF models. Models
+//! come from the loader (leased while loaded); each loaded model is one engine thread that
+//! decodes up to `--parallel` sequences per step.
+
+pub mod config;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::GeneratorConfig;
+use llama_agent_client::LoaderClient;
+use llama_agent_engine::generate::{GenerateOptions, GenerationEngine};
+use llama_agent_engine::LoadOptions;
+use llama_agent_models::ModelPool;
+use llama_agent_proto::generator::v1::generator_service_server::{
+    GeneratorServiceServer, SERVICE_NAME,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("preloading {model}: {reason}")]
+    Preload { model: String, reason: String },
+}
+
+fn pool(config: &GeneratorConfig, loader: LoaderClient) -> Arc<ModelPool<GenerationEngine>> {
+    let opts = GenerateOptions {
+        load: LoadOptions {
+            n_gpu_layers: config.n_gpu_layers,
+            threads: config.threads() as i32,
+        },
+        ctx_per_seq: config.ctx_size,
+        parallel: config.parallel,
+        n_batch: config.batch_size,
+        queue: config.queue_depth,
+    };
+    let holder = format!(
+        "llama-generator@{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string())
+    );
+    ModelPool::new(
+        loader,
+        holder,
+        config.max_models,
+        Arc::new(move |path| GenerationEngine::load(path, opts.clone())),
+    )
+}
+
+/// The router (health, reflection, GeneratorService); SERVING once preloads are done.
+async fn build(
+    config: &GeneratorConfig,
+    loader: LoaderClient,
+) -> Result<tonic::transport::server::Router, ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let pool = pool(config, loader);
+    let (router, health) = llama_agent_common::grpc::base_router(&[SERVICE_NAME]).await?;
+    let router = router.add_service(GeneratorServiceServer::new(service::GeneratorGrpc::new(
+        Arc::clone(&pool),
+    )));
+    for model in &config.preload {
+        pool.get(model).await.map_err(|e| ServeError::Preload {
+            model: model.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
+    Ok(router)
+}
+
+/// Serves the generator on `listener` until `shutdown` resolves. `main` and the tests call this.
+pub async fn run(
+    config: GeneratorConfig,
+    loader: LoaderClient,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let router = build(&config, loader).await?;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(%addr, "generator serving");
+    Ok(llama_agent_common::grpc::serve_tcp(router, listener, shutdown).await?)
+}
+
+/// The generator inside this process, reached through a channel that speaks the same gRPC.
+pub async fn in_process(
+    config: &GeneratorConfig,
+    loader: LoaderClient,
+) -> Result<tonic::transport::Channel, ServeError> {
+    let router = build(config, loader).await?;
+    Ok(llama_agent_common::grpc::in_process(router))
+}

@@ -1,0 +1,43 @@
+//! `llama-generator`: the token-streaming service.
+
+use clap::Parser;
+use llama_agent_client::LoaderClient;
+use llama_agent_common::telemetry::{self, LogFormat};
+use llama_generator::GeneratorConfig;
+
+/// Serves llama_agent.generator.v1.GeneratorService on GGUF models the loader provides.
+#[derive(Parser, Debug)]
+#[command(name = "llama-generator", version)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "LLAMA_GENERATOR_LISTEN", default_value = "0.0.0.0:50052")]
+    listen: std::net::SocketAddr,
+
+    /// The loader service (`host:port`).
+    #[arg(long, env = "LLAMA_LOADER_ENDPOINT", default_value = "127.0.0.1:50051")]
+    loader_endpoint: String,
+
+    /// Log format on stderr.
+    #[arg(long, env = "LLAMA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(flatten)]
+    generator: GeneratorConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    args.generator.validate().map_err(anyhow::Error::msg)?;
+    let loader = LoaderClient::connect(&args.loader_endpoint)?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    llama_generator::run(
+        args.generator,
+        loader,
+        listener,
+        llama_agent_common::signal::terminate(),
+    )
+    .await?;
+    Ok(())
+}

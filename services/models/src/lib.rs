@@ -1,0 +1,253 @@
+//! Loaded models for a stateless service: a reference is resolved (and downloaded) by the
+//! loader, leased so the loader never evicts it while open, loaded once, shared by every
+//! request, and unloaded least-recently-used first past `max_models` (its lease released).
+//! Models already loaded keep serving when the loader is unreachable.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use llama_agent_client::proto::common::v1::ModelInfo;
+use llama_agent_client::proto::loader::v1::EnsureModelRequest;
+use llama_agent_client::{ClientError, LoaderClient};
+use llama_agent_engine::EngineError;
+
+/// Leases are taken for this long and renewed at a third of it, so two missed renewals
+/// still leave the model pinned.
+const LEASE_TTL_SECS: u32 = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("loader: {0}")]
+    Loader(#[from] ClientError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl PoolError {
+    /// The gRPC code a caller should see: the loader's own code passes through.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            PoolError::Loader(e) => e.code(),
+            PoolError::Engine(EngineError::InvalidRequest(_)) => tonic::Code::InvalidArgument,
+            PoolError::Engine(EngineError::QueueFull(_)) => tonic::Code::ResourceExhausted,
+            PoolError::Engine(EngineError::Load { .. }) => tonic::Code::FailedPrecondition,
+            PoolError::Engine(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+pub type LoadFn<E> = dyn Fn(&Path) -> Result<E, EngineError> + Send + Sync;
+
+struct Loaded<E> {
+    engine: Arc<E>,
+    info: ModelInfo,
+    lease_id: String,
+    last_used: Instant,
+}
+
+struct State<E> {
+    /// Request reference → the cache entry it resolved to (`owner/repo` → `owner/repo/f.gguf@main`).
+    aliases: HashMap<String, String>,
+    /// By cache entry reference.
+    loaded: HashMap<String, Loaded<E>>,
+}
+
+pub struct ModelPool<E> {
+    loader: LoaderClient,
+    holder: String,
+    max_models: usize,
+    load: Arc<LoadFn<E>>,
+    state: Mutex<State<E>>,
+    /// One load at a time per reference; different models load concurrently.
+    loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<E: Send + Sync + 'static> ModelPool<E> {
+    pub fn new(
+        loader: LoaderClient,
+        holder: impl Into<String>,
+        max_models: usize,
+        load: Arc<LoadFn<E>>,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            loader,
+            holder: holder.into(),
+            max_models: max_models.max(1),
+            load,
+            state: Mutex::new(State {
+                aliases: HashMap::new(),
+                loaded: HashMap::new(),
+            }),
+            loading: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_secs(u64::from(LEASE_TTL_SECS / 3)));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.renew_leases().await;
+            }
+        });
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<E>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached(&self, reference: &str) -> Option<(Arc<E>, ModelInfo)> {
+        let mut st = self.lock();
+        let key = st.aliases.get(reference).cloned()?;
+        let l = st.loaded.get_mut(&key)?;
+        l.last_used = Instant::now();
+        Some((Arc::clone(&l.engine), l.info.clone()))
+    }
+
+    /// The engine for `reference`, loading it (through the loader) when needed.
+    pub async fn get(&self, reference: &str) -> Result<(Arc<E>, ModelInfo), PoolError> {
+        if let Some(hit) = self.cached(reference) {
+            return Ok(hit);
+        }
+        let gate = {
+            let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+            loading.retain(|_, g| Arc::strong_count(g) > 1);
+            Arc::clone(loading.entry(reference.to_string()).or_default())
+        };
+        let _held = gate.lock().await;
+        if let Some(hit) = self.cached(reference) {
+            return Ok(hit);
+        }
+        let ensured = self
+            .loader
+            .ensure(
+                EnsureModelRequest {
+                    model: reference.to_string(),
+                    lease_ttl_seconds: LEASE_TTL_SECS,
+                    lease_holder: self.holder.clone(),
+                    ..Default::default()
+                },
+                |_| {},
+            )
+            .await?;
+        let info = ensured.model;
+        let lease_id = ensured.lease.map(|l| l.lease_id).unwrap_or_default();
+        let key = info.reference.clone();
+        // Another alias may already have loaded the same file.
+        let existing = {
+            let mut st = self.lock();
+            st.aliases.insert(reference.to_string(), key.clone());
+            st.loaded.get_mut(&key).map(|l| {
+                l.last_used = Instant::now();
+                (Arc::clone(&l.engine), l.info.clone())
+            })
+        };
+        if let Some(hit) = existing {
+            self.release(lease_id).await;
+            return Ok(hit);
+        }
+
+        let load = Arc::clone(&self.load);
+        let path = std::path::PathBuf::from(&info.local_path);
+        let started = Instant::now();
+        let engine = tokio::task::spawn_blocking(move || load(&path))
+            .await
+            .map_err(|e| EngineError::Backend(format!("model load task: {e}")))?;
+        let engine = match engine {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                self.release(lease_id).await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(model = %key, ms = started.elapsed().as_millis() as u64, "model loaded");
+        let evicted = {
+            let mut st = self.lock();
+            st.loaded.insert(
+                key.clone(),
+                Loaded {
+                    engine: Arc::clone(&engine),
+                    info: info.clone(),
+                    lease_id,
+                    last_used: Instant::now(),
+                },
+            );
+            let mut evicted = Vec::new();
+            while st.loaded.len() > self.max_models {
+                let oldest = st
+                    .loaded
+                    .iter()
+                    .filter(|(k, _)| **k != key)
+                    .min_by_key(|(_, l)| l.last_used)
+                    .map(|(k, _)| k.clone());
+                let Some(oldest) = oldest else { break };
+                if let Some(l) = st.loaded.remove(&oldest) {
+                    st.aliases.retain(|_, k| *k != oldest);
+                    evicted.push((oldest, l.lease_id));
+                }
+            }
+            evicted
+        };
+        for (k, lease) in evicted {
+            tracing::info!(model = %k, "model unloaded (least recently used)");
+            self.release(lease).await;
+        }
+        Ok((engine, info))
+    }
+
+    /// Models loaded now, most recently used first.
+    pub fn loaded(&self) -> Vec<ModelInfo> {
+        let st = self.lock();
+        let mut v: Vec<&Loaded<E>> = st.loaded.values().collect();
+        v.sort_by_key(|l| std::cmp::Reverse(l.last_used));
+        v.into_iter().map(|l| l.info.clone()).collect()
+    }
+
+    async fn release(&self, lease_id: String) {
+        if lease_id.is_empty() {
+            return;
+        }
+        if let Err(e) = self.loader.release_lease(&lease_id).await {
+            tracing::warn!(lease = %lease_id, error = %e, "releasing a lease");
+        }
+    }
+
+    /// Keeps every loaded model pinned; a loader that restarted lost its leases, so those are
+    /// taken again.
+    async fn renew_leases(&self) {
+        let leases: Vec<(String, String)> = self
+            .lock()
+            .loaded
+            .iter()
+            .map(|(k, l)| (k.clone(), l.lease_id.clone()))
+            .collect();
+        for (key, id) in leases {
+            match self.loader.renew_lease(&id, LEASE_TTL_SECS).await {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    match self
+                        .loader
+                        .lease_model(&key, LEASE_TTL_SECS, &self.holder)
+                        .await
+                    {
+                        Ok(r) => {
+                            if let (Some(lease), Some(l)) =
+                                (r.lease, self.lock().loaded.get_mut(&key))
+                            {
+                                l.lease_id = lease.lease_id;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(model = %key, error = %e, "re-leasing a loaded model")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(model = %key, error = %e, "renewing a lease"),
+            }
+        }
+    }
+}

@@ -1,0 +1,739 @@
+//! The embedder through real gRPC on ephemeral ports, on the real all-MiniLM-L6-v2 GGUF
+//! (served by the hub mirror through a real loader), against vectors computed without
+//! llama.cpp (tests/fixtures/minilm-reference.json, from scripts/make-embedding-reference.py);
+//! and `llama-cli embed` into Parquet, read back with pyarrow.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use futures::StreamExt;
+use llama_agent_client::embedder::decode_vectors;
+use llama_agent_client::proto::embedder::v1 as pb;
+use llama_agent_client::{ClientError, EmbedderClient, RetryPolicy};
+use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
+use llama_agent_tests::support::{
+    model, model_md5, repo_root, workspace_bin, InProcessLoader, MINILM_FILE,
+};
+use llama_embedder::EmbedderConfig;
+use llama_loader::LoaderConfig;
+use tokio::sync::oneshot;
+use tonic::Code;
+
+const MINILM_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
+const DIM: usize = 384;
+
+/// Mirror → loader → embedder, all in this process on 127.0.0.1:0.
+struct Stack {
+    _mirror: Mirror,
+    _loader: InProcessLoader,
+    _cache: tempfile::TempDir,
+    client: EmbedderClient,
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Stack {
+    async fn start(config: EmbedderConfig) -> Stack {
+        let repo = RepoSpec::new(MINILM_REPO).file(MINILM_FILE, model(MINILM_FILE));
+        let mirror = Mirror::start(MirrorConfig::new().repo(repo)).await.unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let loader = InProcessLoader::start(LoaderConfig::new(
+            cache.path().to_path_buf(),
+            mirror.base_url(),
+        ))
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let loader_client = loader.client.clone();
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = llama_embedder::run(config, loader_client, listener, shutdown).await {
+                panic!("embedder failed: {e}");
+            }
+        });
+        let client = EmbedderClient::connect(&format!("http://{addr}")).unwrap();
+        Stack {
+            _mirror: mirror,
+            _loader: loader,
+            _cache: cache,
+            client,
+            addr,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn config() -> EmbedderConfig {
+    EmbedderConfig {
+        threads: Some(2),
+        ..Default::default()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    dim: usize,
+    rows: Vec<RefRow>,
+}
+
+#[derive(serde::Deserialize)]
+struct RefRow {
+    text: String,
+    token_ids: Vec<i32>,
+    vector: Vec<f32>,
+}
+
+fn reference() -> Reference {
+    let path = repo_root().join("tests/fixtures/minilm-reference.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+fn request(texts: &[String], options: pb::EmbedOptions) -> pb::EmbedRequest {
+    pb::EmbedRequest {
+        model: MINILM_REPO.into(),
+        texts: texts.to_vec(),
+        options: Some(options),
+    }
+}
+
+/// Vectors as rows.
+fn rows(r: &pb::EmbedResponse) -> Vec<Vec<f32>> {
+    let e = r.embeddings.as_ref().unwrap();
+    let flat = decode_vectors(e).expect("well-formed vectors");
+    flat.chunks(e.dim as usize).map(<[f32]>::to_vec).collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// How close two packings of the same texts come. llama.cpp's attention sums over every token
+/// of a batch (other sequences masked to exact zeros), so where a sequence sits changes the
+/// order of float additions; with F16 weights the activations are rounded to F16 before each
+/// matmul, which turns those 1e-7 differences into occasional one-ulp F16 flips. Measured on
+/// MiniLM F16: batch 1 or 8 vs 64 differ by 0.9e-4 to 1.1e-4 at most, one sequence per batch
+/// vs packed by 1.8e-4; so the bound is 2.5e-4 per value, plus cosine >= 0.99999 per row.
+const PACKING_TOLERANCE: f32 = 2.5e-4;
+
+fn assert_same_vectors(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: row count");
+    let d = max_abs_diff(got, want);
+    assert!(d < PACKING_TOLERANCE, "{what}: max difference {d}");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.99999, "{what}: row {i} cosine {c}");
+    }
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (Code, String) {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(ClientError::Status(s)) => (s.code(), s.message().to_string()),
+        Err(e) => (e.code(), e.to_string()),
+    }
+}
+
+/// Texts of every length class, for batching tests.
+fn corpus(n: usize) -> Vec<String> {
+    let refs = reference();
+    (0..n)
+        .map(|i| {
+            let base = &refs.rows[i % refs.rows.len()].text;
+            format!("{base} #{i}")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectors_match_the_numpy_reference() {
+    let stack = Stack::start(config()).await;
+    let refs = reference();
+    assert_eq!(refs.dim, DIM);
+    let texts: Vec<String> = refs.rows.iter().map(|r| r.text.clone()).collect();
+    let r = stack
+        .client
+        .embed(request(&texts, pb::EmbedOptions::default()))
+        .await
+        .unwrap();
+    assert_eq!(r.model_md5, model_md5(MINILM_FILE));
+    assert_eq!(r.pooling, pb::Pooling::Mean as i32, "the GGUF says mean");
+    assert!(r.normalized);
+    let e = r.embeddings.as_ref().unwrap();
+    assert_eq!((e.dim as usize, e.count as usize), (DIM, texts.len()));
+    assert_eq!(e.data.len(), DIM * texts.len() * 4);
+    for (i, (got, want)) in rows(&r).iter().zip(&refs.rows).enumerate() {
+        let c = cosine(got, &want.vector);
+        assert!(c >= 0.999, "row {i} {:?}: cosine {c}", want.text);
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "row {i} norm {norm}");
+        assert_eq!(
+            e.token_counts[i] as usize,
+            want.token_ids.len(),
+            "row {i} {:?}: llama.cpp and the reference tokenizer disagree",
+            want.text
+        );
+        assert!(!e.truncated[i]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_size_and_packing_change_nothing() {
+    let texts = corpus(64);
+    let packed = Stack::start(config()).await;
+    let whole = rows(
+        &packed
+            .client
+            .embed(request(&texts, Default::default()))
+            .await
+            .unwrap(),
+    );
+    for size in [1usize, 8] {
+        // Concurrent requests of `size` texts: the engine packs them into shared batches.
+        let calls = texts
+            .chunks(size)
+            .map(|c| packed.client.embed(request(c, Default::default())));
+        let parts = futures::future::try_join_all(calls).await.unwrap();
+        let got: Vec<Vec<f32>> = parts.iter().flat_map(rows).collect();
+        assert_same_vectors(&got, &whole, &format!("batch {size} vs 64"));
+    }
+    // One sequence per llama.cpp batch, and a small token budget: other packings entirely.
+    let single = Stack::start(EmbedderConfig {
+        max_seqs_per_batch: 1,
+        ..config()
+    })
+    .await;
+    let unpacked = rows(
+        &single
+            .client
+            .embed(request(&texts, Default::default()))
+            .await
+            .unwrap(),
+    );
+    assert_same_vectors(&unpacked, &whole, "one sequence per batch vs packed");
+    let small = Stack::start(EmbedderConfig {
+        max_batch_tokens: 256,
+        ..config()
+    })
+    .await;
+    let budget = rows(
+        &small
+            .client
+            .embed(request(&texts, Default::default()))
+            .await
+            .unwrap(),
+    );
+    assert_same_vectors(&budget, &whole, "256-token batches vs 2048");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embed_stream_keeps_order() {
+    let stack = Stack::start(config()).await;
+    let texts = corpus(150);
+    let want = rows(
+        &stack
+            .client
+            .embed(request(&texts, pb::EmbedOptions::default()))
+            .await
+            .unwrap(),
+    );
+    // Batches of uneven sizes, so short and long ones finish out of step inside the engine.
+    let sizes = [1usize, 17, 3, 40, 2, 29, 8, 50];
+    let mut batches = Vec::new();
+    let mut at = 0;
+    for s in sizes.iter().cycle() {
+        if at >= texts.len() {
+            break;
+        }
+        let end = (at + s).min(texts.len());
+        batches.push(
+            (at..end)
+                .map(|i| pb::TextItem {
+                    id: format!("row-{i}"),
+                    text: texts[i].clone(),
+                })
+                .collect::<Vec<_>>(),
+        );
+        at = end;
+    }
+    let first = pb::EmbedStreamRequest {
+        model: MINILM_REPO.into(),
+        options: None,
+        items: batches[0].clone(),
+    };
+    let (sender, responses) = stack.client.embed_stream(first).await.unwrap();
+    let rest = batches[1..].to_vec();
+    let feeding = tokio::spawn(async move {
+        for b in rest {
+            sender.send(b).await.unwrap();
+        }
+    });
+    let mut ids = Vec::new();
+    let mut got = Vec::new();
+    let mut responses = std::pin::pin!(responses);
+    while let Some(r) = responses.next().await {
+        let r = r.unwrap();
+        assert_eq!(r.model_md5, model_md5(MINILM_FILE));
+        let e = r.embeddings.as_ref().unwrap();
+        let flat = decode_vectors(e).unwrap();
+        got.extend(flat.chunks(DIM).map(<[f32]>::to_vec));
+        ids.extend(r.ids);
+    }
+    feeding.await.unwrap();
+    let expected: Vec<String> = (0..texts.len()).map(|i| format!("row-{i}")).collect();
+    assert_eq!(ids, expected);
+    assert_same_vectors(&got, &want, "EmbedStream vs Embed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_truncation_pooling_dimensions_and_dtype() {
+    let stack = Stack::start(config()).await;
+    let c = &stack.client;
+    let long = reference().rows.last().unwrap().text.clone();
+    let texts = vec!["short text".to_string(), long.clone(), String::new()];
+
+    // Truncation is on by default and reported per row; the closing [SEP] stays.
+    let r = c
+        .embed(request(
+            &texts,
+            pb::EmbedOptions {
+                max_length: 32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let e = r.embeddings.as_ref().unwrap();
+    assert_eq!(e.truncated, [false, true, false]);
+    assert_eq!(e.token_counts[1], 32);
+    // The empty string is embedded as [CLS] [SEP], like sentence-transformers does.
+    assert_eq!(e.token_counts[2], 2);
+
+    // Refused when truncation is off, naming the row.
+    let (code_, msg) = code(
+        c.embed(request(
+            &texts,
+            pb::EmbedOptions {
+                max_length: 32,
+                truncate: Some(false),
+                ..Default::default()
+            },
+        ))
+        .await,
+    );
+    assert_eq!(code_, Code::InvalidArgument);
+    assert!(msg.contains("text 1") && msg.contains("32"), "{msg}");
+
+    // Matryoshka: fewer dimensions, renormalized; more than the model has is refused.
+    let r = c
+        .embed(request(
+            &texts[..1],
+            pb::EmbedOptions {
+                dimensions: 128,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let v = &rows(&r)[0];
+    assert_eq!(v.len(), 128);
+    assert!((v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4);
+    let (code_, msg) = code(
+        c.embed(request(
+            &texts[..1],
+            pb::EmbedOptions {
+                dimensions: 1000,
+                ..Default::default()
+            },
+        ))
+        .await,
+    );
+    assert_eq!(code_, Code::InvalidArgument);
+    assert!(msg.contains("1000") && msg.contains("384"), "{msg}");
+
+    // Per-request pooling; raw (unnormalized) vectors; f16 close to f32.
+    let mean = rows(
+        &c.embed(request(&texts[..1], Default::default()))
+            .await
+            .unwrap(),
+    );
+    let cls = c
+        .embed(request(
+            &texts[..1],
+            pb::EmbedOptions {
+                pooling: pb::Pooling::Cls as i32,
+                normalize: Some(false),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(cls.pooling, pb::Pooling::Cls as i32);
+    assert!(!cls.normalized);
+    let cls = rows(&cls);
+    assert!(
+        cosine(&cls[0], &mean[0]) < 0.999,
+        "CLS pooling is not mean pooling"
+    );
+    assert!((cls[0].iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() > 1e-3);
+    let half = c
+        .embed(request(
+            &texts[..1],
+            pb::EmbedOptions {
+                dtype: pb::DType::F16 as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(half.embeddings.as_ref().unwrap().data.len(), DIM * 2);
+    assert!(max_abs_diff(&rows(&half), &mean) < 1e-3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_codes() {
+    let stack = Stack::start(config()).await;
+    let c = &stack.client;
+    let one = vec!["x".to_string()];
+
+    let (code_, msg) = code(c.embed(request(&[], Default::default())).await);
+    assert_eq!(code_, Code::InvalidArgument);
+    assert!(msg.contains("no texts"), "{msg}");
+
+    let mut r = request(&one, Default::default());
+    r.model = String::new();
+    assert_eq!(code(c.embed(r).await).0, Code::InvalidArgument);
+
+    let mut r = request(&one, Default::default());
+    r.model = "test/no-such-repo".into();
+    assert_eq!(code(c.embed(r).await).0, Code::NotFound);
+
+    let bad_pooling = pb::EmbedOptions {
+        pooling: 42,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.embed(request(&one, bad_pooling)).await).0,
+        Code::InvalidArgument
+    );
+
+    let too_many = vec!["x".to_string(); llama_embedder::MAX_TEXTS + 1];
+    assert_eq!(
+        code(c.embed(request(&too_many, Default::default())).await).0,
+        Code::InvalidArgument
+    );
+
+    // A stream must name its model; a later bad batch fails the stream in its place.
+    let no_model = pb::EmbedStreamRequest {
+        items: vec![pb::TextItem {
+            id: "a".into(),
+            text: "x".into(),
+        }],
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.embed_stream(no_model).await.map(|_| ())).0,
+        Code::InvalidArgument
+    );
+    let first = pb::EmbedStreamRequest {
+        model: MINILM_REPO.into(),
+        items: vec![pb::TextItem {
+            id: "a".into(),
+            text: "x".into(),
+        }],
+        ..Default::default()
+    };
+    let (sender, responses) = c.embed_stream(first).await.unwrap();
+    sender.send(Vec::new()).await.unwrap();
+    let got: Vec<_> = responses.collect().await;
+    assert!(got[0].is_ok());
+    let err = got[1].as_ref().unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.to_string().contains("message 1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_resource_exhausted() {
+    let stack = Stack::start(EmbedderConfig {
+        queue_depth: 1,
+        ..config()
+    })
+    .await;
+    // Load the model first, so every call below meets a loaded engine.
+    stack
+        .client
+        .embed(request(&corpus(1), Default::default()))
+        .await
+        .unwrap();
+    let client = stack.client.clone().with_retry(RetryPolicy::none());
+    // Each request alone is more than a batch's token budget, so the engine holds one and the
+    // channel one more; the rest find it full.
+    let texts = corpus(400);
+    // How many requests overlap depends on how busy the machine is, so a round where none
+    // was refused is tried again (bounded): every round must be all OK or RESOURCE_EXHAUSTED.
+    let mut exhausted = 0;
+    for _ in 0..10 {
+        let calls = (0..8).map(|_| client.embed(request(&texts, Default::default())));
+        let results = futures::future::join_all(calls).await;
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(e) if e.code() == Code::ResourceExhausted))
+            .count();
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok + refused, results.len(), "{results:?}");
+        exhausted += refused;
+        if exhausted > 0 {
+            break;
+        }
+    }
+    assert!(
+        exhausted >= 1,
+        "no RESOURCE_EXHAUSTED in 10 rounds of 8 concurrent requests"
+    );
+    // With retries the same load all succeeds.
+    let patient = stack.client.clone().with_retry(RetryPolicy {
+        max_attempts: 100,
+        initial_backoff: std::time::Duration::from_millis(20),
+        max_backoff: std::time::Duration::from_millis(200),
+    });
+    let calls = (0..4).map(|_| patient.embed(request(&texts[..50], Default::default())));
+    for r in futures::future::join_all(calls).await {
+        r.unwrap();
+    }
+    assert!(stack.addr.port() > 0);
+}
+
+// --- llama-cli embed --------------------------------------------------------------------
+
+fn cli(cache: &Path) -> Command {
+    let mut c = Command::new(workspace_bin("llama-cli"));
+    c.arg("--cache-dir").arg(cache).env("RUST_LOG", "warn");
+    c
+}
+
+/// What pyarrow sees in a Parquet file.
+fn pyarrow_summary(path: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys
+import pyarrow.parquet as pq
+f = pq.ParquetFile(sys.argv[1])
+t = f.read()
+meta = {k.decode(): v.decode() for k, v in (f.metadata.metadata or {}).items() if not k.startswith(b"ARROW")}
+ids = t.column("id").to_pylist()
+emb = t.column("embedding")
+print(json.dumps({
+    "schema": {n: str(ty) for n, ty in zip(t.schema.names, t.schema.types)},
+    "rows": t.num_rows, "row_groups": f.num_row_groups, "meta": meta,
+    "ids": ids, "unique_ids": len(set(ids)),
+    "n_tokens": t.column("n_tokens").to_pylist(),
+    "truncated": t.column("truncated").to_pylist(),
+    "first": emb[0].as_py() if t.num_rows else None,
+}))
+"#;
+    let out = Command::new(repo_root().join(".venv/bin/python"))
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A .txt input of `n` lines cycling through the reference texts (one line with bad UTF-8
+/// at `bad_line` when given).
+fn write_input(path: &Path, n: usize, bad_line: Option<usize>) -> Vec<String> {
+    let refs = reference();
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut texts = Vec::new();
+    for i in 1..=n {
+        if Some(i) == bad_line {
+            f.write_all(b"broken \xff\xfe bytes\n").unwrap();
+            continue;
+        }
+        let t = refs.rows[i % refs.rows.len()]
+            .text
+            .replace(['\n', '\r'], " ");
+        let t = format!("{t} {i}");
+        writeln!(f, "{t}").unwrap();
+        texts.push(t);
+    }
+    texts
+}
+
+#[test]
+fn cli_embeds_into_parquet_that_pyarrow_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("data.txt");
+    let output = dir.path().join("out.parquet");
+    write_input(&input, 300, Some(7));
+    let out = cli(&dir.path().join("cache"))
+        .args(["embed", "--model"])
+        .arg(model(MINILM_FILE))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args([
+            "--batch-size",
+            "16",
+            "--row-group-rows",
+            "100",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("line 7: not valid UTF-8"), "{stderr}");
+    let s = pyarrow_summary(&output);
+    assert_eq!(s["rows"], 299);
+    assert_eq!(s["unique_ids"], 299);
+    assert_eq!(s["row_groups"], 3);
+    assert_eq!(s["schema"]["id"], "string");
+    assert_eq!(s["schema"]["text"], "string");
+    assert_eq!(
+        s["schema"]["embedding"],
+        "fixed_size_list<item: float not null>[384]"
+    );
+    assert_eq!(s["schema"]["n_tokens"], "int32");
+    assert_eq!(s["schema"]["truncated"], "bool");
+    assert_eq!(s["meta"]["model_md5"], model_md5(MINILM_FILE));
+    assert_eq!(s["meta"]["pooling"], "mean");
+    assert_eq!(s["meta"]["normalized"], "true");
+    for k in ["model", "created_at", "tool_version"] {
+        assert!(
+            s["meta"][k].as_str().is_some_and(|v| !v.is_empty()),
+            "{k}: {s}"
+        );
+    }
+    assert_eq!(s["ids"][6], "8", "line 7 was skipped, ids are line numbers");
+    assert!(!output.with_extension("parquet.progress").exists());
+
+    // --strict stops at the bad line; --no-text leaves the column out.
+    let strict = cli(&dir.path().join("cache"))
+        .args(["embed", "--strict", "--no-text", "--model"])
+        .arg(model(MINILM_FILE))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("strict.parquet"))
+        .output()
+        .unwrap();
+    assert!(!strict.status.success());
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("line 7"));
+}
+
+/// Runs `llama-cli embed` on `input`, kills it -9 once a row group is on disk (it says so
+/// in its debug log), resumes, and returns pyarrow's view of the result.
+fn kill_and_resume(dir: &Path, input: &Path, output: &Path) -> serde_json::Value {
+    let cache = dir.join("cache");
+    let args = |c: &mut Command| {
+        c.args(["embed", "--model"])
+            .arg(model(MINILM_FILE))
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(output)
+            .args([
+                "--batch-size",
+                "8",
+                "--row-group-rows",
+                "64",
+                "--threads",
+                "2",
+            ]);
+    };
+    let mut c = cli(&cache);
+    args(&mut c);
+    let mut child = c
+        .env("RUST_LOG", "llama_cli=debug")
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut groups = 0;
+    for line in lines.map_while(Result::ok) {
+        if line.contains("row group written") {
+            groups += 1;
+            if groups == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(groups, 2, "the run ended before writing two row groups");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        Path::new(&format!("{}.progress", output.display())).exists(),
+        "an interrupted run leaves its progress file"
+    );
+    let mut c = cli(&cache);
+    args(&mut c);
+    let out = c.arg("--resume").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed after"), "{stderr}");
+    pyarrow_summary(output)
+}
+
+#[test]
+fn cli_killed_half_way_resumes_with_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("data.txt");
+    let output = dir.path().join("out.parquet");
+    let n = 600;
+    write_input(&input, n, None);
+    let s = kill_and_resume(dir.path(), &input, &output);
+    assert_eq!(s["rows"], n);
+    assert_eq!(s["unique_ids"], n);
+    let ids: Vec<String> = serde_json::from_value(s["ids"].clone()).unwrap();
+    let want: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    assert_eq!(ids, want, "every line once, in input order");
+
+    // A second --resume finds nothing to do; another input is refused.
+    let again = cli(&dir.path().join("cache"))
+        .args(["embed", "--resume", "--model"])
+        .arg(model(MINILM_FILE))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args(["--batch-size", "8", "--row-group-rows", "64"])
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to resume"));
+}

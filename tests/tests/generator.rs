@@ -1,0 +1,471 @@
+//! The generator through real gRPC on ephemeral ports, on the real Gemma 3 270M model
+//! (downloaded through the loader from the hub mirror), against llama.cpp's own output.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use llama_agent_client::proto::generator::v1 as pb;
+use llama_agent_client::{ClientError, RetryPolicy};
+use llama_agent_tests::support::{GeneratorStack, GEMMA_REPO};
+use llama_generator::GeneratorConfig;
+use tonic::Code;
+
+fn config(parallel: u32, queue: usize) -> GeneratorConfig {
+    GeneratorConfig {
+        threads: Some(2),
+        parallel,
+        ctx_size: 512,
+        queue_depth: queue,
+        ..Default::default()
+    }
+}
+
+fn request(prompt: &str, max_tokens: u32, sampling: pb::SamplingParams) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: GEMMA_REPO.into(),
+        input: Some(pb::generate_request::Input::Prompt(prompt.into())),
+        sampling: Some(sampling),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+fn greedy() -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+fn finish(g: &llama_agent_client::generator::Generated) -> pb::FinishReason {
+    pb::FinishReason::try_from(g.done.finish_reason).unwrap()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    made_by: serde_json::Value,
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    prompt: String,
+    prompt_tokens: Vec<i32>,
+    completion_tokens: Vec<i32>,
+    completion_text: String,
+    /// llama-server's stock run (it splits the prompt in two batches for SWA checkpoints).
+    server_default: ServerDefault,
+}
+
+#[derive(serde::Deserialize)]
+struct ServerDefault {
+    /// Whether llama.cpp's own differently-batched run gave the same greedy tokens.
+    agrees: bool,
+}
+
+fn fixture() -> Fixture {
+    let path =
+        llama_agent_tests::support::repo_root().join("tests/fixtures/greedy-gemma-3-270m.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// How many leading tokens two runs share.
+fn agreement(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_output_matches_llama_cpp_and_batched_streams_agree() {
+    let stack = GeneratorStack::start(config(4, 16)).await.unwrap();
+    let fx = fixture();
+    assert!(!fx.made_by.is_null());
+    let mut single = Vec::new();
+    for case in &fx.cases {
+        let n = case.completion_tokens.len() as u32;
+        let g = stack
+            .generator
+            .generate(request(&case.prompt, n, greedy()), |_| {})
+            .await
+            .unwrap();
+        let usage = g.done.usage.unwrap();
+        assert_eq!(
+            usage.prompt_tokens as usize,
+            case.prompt_tokens.len(),
+            "{:?}",
+            case.prompt
+        );
+        let agree = agreement(&g.token_ids, &case.completion_tokens);
+        assert!(
+            agree >= 16,
+            "{:?}: only {agree} tokens agree with llama.cpp\n ours: {:?}\n llama.cpp: {:?}",
+            case.prompt,
+            g.text,
+            case.completion_text
+        );
+        eprintln!(
+            "{:?}: {agree}/{} tokens agree with llama-server",
+            case.prompt,
+            case.completion_tokens.len()
+        );
+        single.push(g);
+    }
+
+    // Four streams at once share each decode step; each must finish with its own text.
+    // A batch of several sequences goes through other matrix kernels (other rounding) than a
+    // single one, which flips a greedy choice wherever the two best tokens are nearly tied.
+    // The fixture shows which prompts are that fragile in llama.cpp itself: its stock server,
+    // which only splits the prompt into two batches, already forks from llama-simple on
+    // "The capital of France is" and "Once upon a time..." (e.g. " the" -1.207 vs
+    // " located" -1.422 becomes -1.305 vs -1.267). Those must complete and are reported;
+    // the prompts llama.cpp computes the same way under both batchings must match exactly.
+    let runs = fx.cases.iter().map(|case| {
+        let client = stack.generator.clone();
+        let req = request(&case.prompt, case.completion_tokens.len() as u32, greedy());
+        tokio::spawn(async move { client.generate(req, |_| {}).await })
+    });
+    let batched: Vec<_> = futures::future::join_all(runs).await;
+    for ((b, s), case) in batched.into_iter().zip(&single).zip(&fx.cases) {
+        let b = b.unwrap().unwrap();
+        assert_eq!(
+            b.token_ids.len(),
+            s.token_ids.len(),
+            "{:?} completed",
+            case.prompt
+        );
+        let agree = agreement(&b.token_ids, &s.token_ids);
+        eprintln!(
+            "{:?}: batched run agrees with its single run for {agree}/{} tokens (llama.cpp stable under rebatching: {})\n  batched: {:?}\n  single:  {:?}",
+            case.prompt, s.token_ids.len(), case.server_default.agrees, b.text, s.text
+        );
+        if case.server_default.agrees {
+            assert_eq!(b.token_ids, s.token_ids, "{:?}", case.prompt);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_is_reproducible_and_stops_and_lengths_are_exact() {
+    let stack = GeneratorStack::start(config(2, 16)).await.unwrap();
+    let g = &stack.generator;
+    let seeded = |seed| pb::SamplingParams {
+        temperature: Some(0.9),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let a = g
+        .generate(
+            request("Write a short poem about the sea.", 40, seeded(42)),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let b = g
+        .generate(
+            request("Write a short poem about the sea.", 40, seeded(42)),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.token_ids, b.token_ids);
+    assert_eq!(a.text, b.text);
+
+    // max_tokens gives LENGTH with exactly that many tokens.
+    let short = g
+        .generate(request("The capital of France is", 5, greedy()), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(finish(&short), pb::FinishReason::Length);
+    assert_eq!(short.done.usage.unwrap().completion_tokens, 5);
+    assert_eq!(short.token_ids.len(), 5);
+
+    // A stop sequence taken from the middle of the greedy text cuts exactly before it.
+    let full = g
+        .generate(
+            request("Once upon a time, in a small village,", 48, greedy()),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    assert!(chars.len() > 40, "{:?}", full.text);
+    let (start, _) = chars[20];
+    let (end, _) = chars[24];
+    let stop = full.text[start..end].to_string();
+    let cut = full.text.find(&stop).unwrap();
+    let mut req = request("Once upon a time, in a small village,", 48, greedy());
+    req.stop = vec![stop.clone(), "never-appears-xyz".into()];
+    let stopped = g.generate(req, |_| {}).await.unwrap();
+    assert_eq!(finish(&stopped), pb::FinishReason::StopSequence);
+    assert_eq!(stopped.text, full.text[..cut], "stop {stop:?}");
+    assert!(!stopped.text.contains(&stop));
+
+    // Chat with a named llama.cpp template works on this template-less base model.
+    let chat = pb::GenerateRequest {
+        model: GEMMA_REPO.into(),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "Say hello.".into(),
+            }],
+        })),
+        chat_template: "gemma".into(),
+        sampling: Some(greedy()),
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let c = g.generate(chat.clone(), |_| {}).await.unwrap();
+    assert!(c.done.usage.unwrap().prompt_tokens > 5);
+    assert_eq!(
+        c.done.model_md5,
+        llama_agent_tests::support::model_md5(llama_agent_tests::support::GEMMA_FILE)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_frees_the_slot_for_a_queued_request() {
+    let stack = GeneratorStack::start(config(1, 4)).await.unwrap();
+    let g = stack.generator.clone();
+    // A long generation holds the only sequence.
+    let mut long = Box::pin(
+        g.generate_stream(
+            request("Count from one to a thousand:", 500, greedy()),
+            None,
+        )
+        .await
+        .unwrap(),
+    );
+    let first = long.next().await.unwrap().unwrap();
+    assert!(matches!(
+        first.event,
+        Some(pb::generate_response::Event::Chunk(_))
+    ));
+    // Queued behind it.
+    let queued = tokio::spawn({
+        let g = g.clone();
+        async move {
+            g.generate(request("The capital of France is", 6, greedy()), |_| {})
+                .await
+        }
+    });
+    // Dropping the stream is the client going away: the sequence stops and frees the slot.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(long);
+    let done = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .expect("queued request finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(finish(&done), pb::FinishReason::Length);
+    assert!(
+        done.done.timings.unwrap().queue_ms > 100.0,
+        "it waited for the slot"
+    );
+
+    // A deadline stops a sequence the same way: the server ends it as CANCELLED, or the
+    // client sees DEADLINE_EXCEEDED first, whichever is quicker.
+    let mut stream = Box::pin(
+        g.generate_stream(
+            request("Count from one to a thousand:", 500, greedy()),
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap(),
+    );
+    let mut tokens = 0;
+    let mut ended = None;
+    while let Some(m) = stream.next().await {
+        match m.map(|r| r.event) {
+            Ok(Some(pb::generate_response::Event::Chunk(c))) => tokens += c.token_ids.len(),
+            Ok(Some(pb::generate_response::Event::Done(d))) => {
+                ended = Some(format!(
+                    "{:?}",
+                    pb::FinishReason::try_from(d.finish_reason).unwrap()
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => ended = Some(format!("{:?}", e.code())),
+        }
+    }
+    assert!(
+        matches!(ended.as_deref(), Some("Cancelled" | "DeadlineExceeded")),
+        "{ended:?}"
+    );
+    assert!(tokens < 100, "stopped early, after {tokens} tokens");
+    let after = g
+        .generate(request("The capital of France is", 3, greedy()), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(after.done.usage.unwrap().completion_tokens, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_resource_exhausted() {
+    let stack = GeneratorStack::start(config(1, 1)).await.unwrap();
+    let g = stack.generator.clone().with_retry(RetryPolicy::none());
+    // Load the model first so the timing below is about the queue only.
+    g.generate(request("Hi", 1, greedy()), |_| {})
+        .await
+        .unwrap();
+    let mut running = Box::pin(
+        g.generate_stream(
+            request("Count from one to a thousand:", 400, greedy()),
+            None,
+        )
+        .await
+        .unwrap(),
+    );
+    running.next().await.unwrap().unwrap();
+    let waiting = tokio::spawn({
+        let g = g.clone();
+        async move {
+            g.generate(
+                request("Count from one to a thousand:", 2, greedy()),
+                |_| {},
+            )
+            .await
+        }
+    });
+    // The waiting request is in the queue once the next one bounces.
+    let mut rejected = None;
+    for _ in 0..100 {
+        match g.generate(request("Hi", 1, greedy()), |_| {}).await {
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                rejected = Some(e);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let e = rejected.expect("a request past the queue is refused");
+    assert!(e.to_string().contains("queue"), "{e}");
+    drop(running);
+    waiting.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_right_codes_and_loaded_models_outlive_the_loader() {
+    let mut stack = GeneratorStack::start(config(2, 4)).await.unwrap();
+    let g = stack.generator.clone().with_retry(RetryPolicy::none());
+    let bad = |f: &dyn Fn(&mut pb::GenerateRequest)| {
+        let mut r = request("Hello", 4, greedy());
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(&str, pb::GenerateRequest)> = vec![
+        ("no model", bad(&|r| r.model.clear())),
+        ("no input", bad(&|r| r.input = None)),
+        (
+            "empty prompt",
+            bad(&|r| r.input = Some(pb::generate_request::Input::Prompt(String::new()))),
+        ),
+        (
+            "negative temperature",
+            bad(&|r| {
+                r.sampling = Some(pb::SamplingParams {
+                    temperature: Some(-1.0),
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "top_p 0",
+            bad(&|r| {
+                r.sampling = Some(pb::SamplingParams {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "top_p 2",
+            bad(&|r| {
+                r.sampling = Some(pb::SamplingParams {
+                    top_p: Some(2.0),
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "NaN min_p",
+            bad(&|r| {
+                r.sampling = Some(pb::SamplingParams {
+                    min_p: Some(f32::NAN),
+                    ..Default::default()
+                })
+            }),
+        ),
+        ("empty stop", bad(&|r| r.stop = vec![String::new()])),
+        (
+            "too many stops",
+            bad(&|r| r.stop = (0..17).map(|i| i.to_string()).collect()),
+        ),
+        ("max_tokens over context", bad(&|r| r.max_tokens = 100_000)),
+        (
+            "bad reference",
+            bad(&|r| r.model = "a/b/../../x.gguf".into()),
+        ),
+        (
+            "chat without a template",
+            bad(&|r| {
+                r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                    messages: vec![pb::ChatMessage {
+                        role: "user".into(),
+                        content: "hi".into(),
+                    }],
+                }))
+            }),
+        ),
+        (
+            "unknown template",
+            bad(&|r| {
+                r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                    messages: vec![pb::ChatMessage {
+                        role: "user".into(),
+                        content: "hi".into(),
+                    }],
+                }));
+                r.chat_template = "no-such-template".into();
+            }),
+        ),
+        (
+            "over-long prompt",
+            bad(&|r| r.input = Some(pb::generate_request::Input::Prompt("hello ".repeat(2000)))),
+        ),
+    ];
+    for (what, req) in cases {
+        let err = g.generate(req, |_| {}).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err}");
+        if what == "over-long prompt" {
+            assert!(err.to_string().contains("512"), "names the numbers: {err}");
+        }
+    }
+    assert_eq!(
+        code(
+            g.generate(bad(&|r| r.model = "nobody/nothing".into()), |_| {})
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // The model is loaded; with the loader gone it keeps serving, and new models are UNAVAILABLE.
+    stack.stop_loader().await;
+    let ok = g
+        .generate(request("The capital of France is", 3, greedy()), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ok.done.usage.unwrap().completion_tokens, 3);
+    assert_eq!(
+        code(
+            g.generate(bad(&|r| r.model = "other/model".into()), |_| {})
+                .await
+        ),
+        Code::Unavailable
+    );
+}
