@@ -492,7 +492,12 @@ async fn a_full_queue_answers_resource_exhausted() {
         .embed(request(&corpus(1), Default::default()))
         .await
         .unwrap();
-    let client = stack.client.clone().with_retry(RetryPolicy::none());
+    // No retries, and no deadline that a busy machine could hit before the admitted ones end.
+    let client = stack
+        .client
+        .clone()
+        .with_retry(RetryPolicy::none())
+        .with_deadline(std::time::Duration::from_secs(600));
     // Each request alone is more than a batch's token budget, so the engine holds one and the
     // channel one more; the rest find it full.
     let texts = corpus(400);
@@ -518,11 +523,15 @@ async fn a_full_queue_answers_resource_exhausted() {
         "no RESOURCE_EXHAUSTED in 10 rounds of 8 concurrent requests"
     );
     // With retries the same load all succeeds.
-    let patient = stack.client.clone().with_retry(RetryPolicy {
-        max_attempts: 100,
-        initial_backoff: std::time::Duration::from_millis(20),
-        max_backoff: std::time::Duration::from_millis(200),
-    });
+    let patient = stack
+        .client
+        .clone()
+        .with_deadline(std::time::Duration::from_secs(600))
+        .with_retry(RetryPolicy {
+            max_attempts: 100,
+            initial_backoff: std::time::Duration::from_millis(20),
+            max_backoff: std::time::Duration::from_millis(200),
+        });
     let calls = (0..4).map(|_| patient.embed(request(&texts[..50], Default::default())));
     for r in futures::future::join_all(calls).await {
         r.unwrap();

@@ -66,12 +66,19 @@ pub async fn set_serving(reporter: &HealthReporter, service_names: &[&str]) {
     }
 }
 
-/// Serves `router` on a bound listener until `shutdown` resolves.
+/// Serves `router` on a bound listener until `shutdown` resolves, announcing
+/// `<name> serving` with the address (scripts and tests read it to find ephemeral ports).
 pub async fn serve_tcp(
+    name: &str,
     router: Router,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(%addr, "{name} serving");
     // Without TCP_NODELAY a response's last frame waits out the peer's delayed ACK (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))

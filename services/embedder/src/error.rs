@@ -20,13 +20,7 @@ impl From<EmbedderError> for Status {
         match e {
             EmbedderError::Invalid(_) => Status::invalid_argument(msg),
             EmbedderError::Pool(p) => Status::new(p.code(), msg),
-            EmbedderError::Engine(e) => match e {
-                EngineError::InvalidRequest(_) => Status::invalid_argument(msg),
-                EngineError::QueueFull(_) => Status::resource_exhausted(msg),
-                EngineError::Stopped => Status::unavailable(msg),
-                EngineError::Load { .. } => Status::failed_precondition(msg),
-                EngineError::Backend(_) | EngineError::Llama(_) => Status::internal(msg),
-            },
+            EmbedderError::Engine(e) => Status::new(llama_agent_models::engine_code(&e), msg),
         }
     }
 }

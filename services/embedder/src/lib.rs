@@ -48,10 +48,7 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
         max_seqs_per_batch: config.max_seqs_per_batch,
         queue: config.queue_depth,
     };
-    let holder = format!(
-        "llama-embedder@{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string())
-    );
+    let holder = llama_agent_models::lease_holder("llama-embedder");
     ModelPool::new(
         loader,
         holder,
@@ -72,12 +69,12 @@ async fn build(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = router.add_service(svc);
-    for model in &config.preload {
-        pool.get(model).await.map_err(|e| ServeError::Preload {
-            model: model.clone(),
+    pool.preload(&config.preload)
+        .await
+        .map_err(|(model, e)| ServeError::Preload {
+            model,
             reason: e.to_string(),
         })?;
-    }
     llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
     Ok(router)
 }
@@ -90,12 +87,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let router = build(&config, loader).await?;
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(%addr, "embedder serving");
-    Ok(llama_agent_common::grpc::serve_tcp(router, listener, shutdown).await?)
+    Ok(llama_agent_common::grpc::serve_tcp("embedder", router, listener, shutdown).await?)
 }
 
 /// The embedder inside this process, reached through a channel that speaks the same gRPC.

@@ -40,10 +40,7 @@ fn pool(config: &GeneratorConfig, loader: LoaderClient) -> Arc<ModelPool<Generat
         n_batch: config.batch_size,
         queue: config.queue_depth,
     };
-    let holder = format!(
-        "llama-generator@{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string())
-    );
+    let holder = llama_agent_models::lease_holder("llama-generator");
     ModelPool::new(
         loader,
         holder,
@@ -63,12 +60,12 @@ async fn build(
     let router = router.add_service(GeneratorServiceServer::new(service::GeneratorGrpc::new(
         Arc::clone(&pool),
     )));
-    for model in &config.preload {
-        pool.get(model).await.map_err(|e| ServeError::Preload {
-            model: model.clone(),
+    pool.preload(&config.preload)
+        .await
+        .map_err(|(model, e)| ServeError::Preload {
+            model,
             reason: e.to_string(),
         })?;
-    }
     llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
     Ok(router)
 }
@@ -81,12 +78,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let router = build(&config, loader).await?;
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(%addr, "generator serving");
-    Ok(llama_agent_common::grpc::serve_tcp(router, listener, shutdown).await?)
+    Ok(llama_agent_common::grpc::serve_tcp("generator", router, listener, shutdown).await?)
 }
 
 /// The generator inside this process, reached through a channel that speaks the same gRPC.

@@ -34,13 +34,7 @@ impl From<GeneratorError> for Status {
         match e {
             GeneratorError::Invalid(_) => Status::invalid_argument(msg),
             GeneratorError::Pool(p) => Status::new(p.code(), msg),
-            GeneratorError::Engine(e) => match e {
-                EngineError::InvalidRequest(_) => Status::invalid_argument(msg),
-                EngineError::QueueFull(_) => Status::resource_exhausted(msg),
-                EngineError::Stopped => Status::unavailable(msg),
-                EngineError::Load { .. } => Status::failed_precondition(msg),
-                EngineError::Backend(_) | EngineError::Llama(_) => Status::internal(msg),
-            },
+            GeneratorError::Engine(e) => Status::new(llama_agent_models::engine_code(&e), msg),
         }
     }
 }

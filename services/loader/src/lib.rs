@@ -74,12 +74,8 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let (router, loader) = build(&config).await?;
     let flusher = spawn_flusher(&loader);
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(%addr, cache = %loader.cache().root().display(), "loader serving");
-    let served = llama_agent_common::grpc::serve_tcp(router, listener, shutdown).await;
+    tracing::info!(cache = %loader.cache().root().display(), "loader cache open");
+    let served = llama_agent_common::grpc::serve_tcp("loader", router, listener, shutdown).await;
     flusher.abort();
     loader.cache().flush()?;
     Ok(served?)

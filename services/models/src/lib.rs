@@ -30,12 +30,27 @@ impl PoolError {
     pub fn code(&self) -> tonic::Code {
         match self {
             PoolError::Loader(e) => e.code(),
-            PoolError::Engine(EngineError::InvalidRequest(_)) => tonic::Code::InvalidArgument,
-            PoolError::Engine(EngineError::QueueFull(_)) => tonic::Code::ResourceExhausted,
-            PoolError::Engine(EngineError::Load { .. }) => tonic::Code::FailedPrecondition,
-            PoolError::Engine(_) => tonic::Code::Internal,
+            PoolError::Engine(e) => engine_code(e),
         }
     }
+}
+
+/// The gRPC code of an engine error, the same in every service that runs an engine.
+pub fn engine_code(e: &EngineError) -> tonic::Code {
+    match e {
+        EngineError::InvalidRequest(_) => tonic::Code::InvalidArgument,
+        EngineError::QueueFull(_) => tonic::Code::ResourceExhausted,
+        EngineError::Stopped => tonic::Code::Unavailable,
+        // The file is there but llama.cpp cannot use it (unsupported architecture, bad GGUF).
+        EngineError::Load { .. } => tonic::Code::FailedPrecondition,
+        EngineError::Backend(_) | EngineError::Llama(_) => tonic::Code::Internal,
+    }
+}
+
+/// How a service names itself on its leases: `llama-generator@<pod or pid>`.
+pub fn lease_holder(service: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string());
+    format!("{service}@{host}")
 }
 
 pub type LoadFn<E> = dyn Fn(&Path) -> Result<E, EngineError> + Send + Sync;
@@ -197,6 +212,14 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
             self.release(lease).await;
         }
         Ok((engine, info))
+    }
+
+    /// Loads `models` before a service reports SERVING; the first failure names its model.
+    pub async fn preload(&self, models: &[String]) -> Result<(), (String, PoolError)> {
+        for model in models {
+            self.get(model).await.map_err(|e| (model.clone(), e))?;
+        }
+        Ok(())
     }
 
     /// Models loaded now, most recently used first.
