@@ -54,3 +54,14 @@ echo "== llama-cli generate (streamed from the service)"
     --prompt "The three most important inventions in history are" --max-tokens 64 --temperature 0.7 --seed 7
 echo "== the loader now shows the generator's lease"
 "$BIN/llama-cli" cache ls
+
+# Embedding: the seed's job at test scale, in-process embedder leasing from the loader service.
+seq 1 1000 | sed 's/^/Test sentence number /' > "$WORK/test_1k.txt"
+echo "== llama-cli embed 1000 texts into Parquet"
+time "$BIN/llama-cli" embed --model llama-agent-test/all-MiniLM-L6-v2-GGUF:F16 \
+    --input "$WORK/test_1k.txt" --output "$WORK/test_1k.parquet" --batch-size 64 --max-length 512 --threads "$(nproc)"
+"$ROOT/.venv/bin/python" - "$WORK/test_1k.parquet" <<'PY'
+import sys, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+print(f"{t.num_rows} rows, schema: {t.schema.names}, dim {len(t.column('embedding')[0])}")
+PY
