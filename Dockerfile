@@ -1,0 +1,178 @@
+# syntax=docker/dockerfile:1
+#
+# llama-agent images, one target per service (BuildKit builds only the stages a target needs):
+#
+#   docker build --target loader    -t llama-agent/loader:0.1.0    .
+#   docker build --target generator -t llama-agent/generator:0.1.0 .
+#   docker build --target embedder  -t llama-agent/embedder:0.1.0  .
+#
+# GPU images of the generator and the embedder (the loader never needs CUDA):
+#
+#   docker build --target generator --build-arg CUDA=1 -t llama-agent/generator:0.1.0-cuda .
+#
+# CPU code paths: llama.cpp is compiled for TARGET_CPU (default x86-64-v3 = AVX2/FMA/F16C,
+# any x86 server since 2013-2015). `--build-arg TARGET_CPU=x86-64` runs anywhere (and slowly);
+# `native` tunes for the build machine only.
+#
+# Runtime images run as uid/gid 10001, carry the service binary and `llama-health` (gRPC
+# health probe, used by HEALTHCHECK), and take every setting from the environment (README,
+# "Configuration"). The loader keeps its cache in /models: mount the model volume there, and at
+# the same path (read-only) in the generator and the embedder, which open the paths it returns.
+
+ARG CUDA=0
+ARG RUST_VERSION=1.95
+ARG CUDA_VERSION=12.6.3
+ARG CUDA_UBUNTU=ubuntu22.04
+ARG TARGET_CPU=x86-64-v3
+
+# ---------------------------------------------------------------------------------------------
+# Toolchains: builder-0 (CPU) and builder-1 (CUDA: nvcc from NVIDIA's devel image, Rust by rustup).
+
+FROM rust:${RUST_VERSION}-bookworm AS builder-0
+# Debian's cmake and libclang (bindgen) for llama.cpp; the distribution's versions (not pinned).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
+
+FROM nvidia/cuda:${CUDA_VERSION}-devel-${CUDA_UBUNTU} AS builder-1
+ARG RUST_VERSION
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        build-essential ca-certificates cmake curl git libclang-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+ENV RUSTUP_HOME=/usr/local/rustup \
+    CARGO_HOME=/usr/local/cargo \
+    PATH=/usr/local/cargo/bin:${PATH} \
+    LIBRARY_PATH=/usr/local/cuda/lib64/stubs
+RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+    | sh -s -- -y --no-modify-path --profile minimal --default-toolchain "${RUST_VERSION}"
+
+# ---------------------------------------------------------------------------------------------
+# Builds. The workspace sources only (no target/, models/, .venv/: see .dockerignore), so that
+# editing docs or deployment files does not rebuild llama.cpp.
+
+# (No TARGET_CPU here: the loader has no llama.cpp, and its hashes pick SIMD at run time.)
+FROM builder-0 AS build-loader
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY proto proto
+COPY services services
+COPY client client
+COPY tests tests
+# llama-health is built on its own (`--bin` alone finds it in whichever workspace crate has it).
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,id=llama-agent-target-cpu,target=/src/target,sharing=locked \
+    cargo build --release --locked -p llama-loader --bin llama-loader \
+ && cargo build --release --locked --bin llama-health \
+ && mkdir -p /out \
+ && for bin in llama-loader llama-health; do \
+        objcopy --strip-debug "target/release/$bin" "/out/$bin"; \
+    done
+
+# The generator and the embedder share one build (and one llama.cpp compilation).
+# (DL3006: builder-${CUDA} is a stage of this file, not an image to tag.)
+# hadolint ignore=DL3006
+FROM builder-${CUDA} AS build-inference
+ARG CUDA
+ARG TARGET_CPU
+ENV RUSTFLAGS="-C target-cpu=${TARGET_CPU}"
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY proto proto
+COPY services services
+COPY client client
+COPY tests tests
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,id=llama-agent-target-inference-cuda${CUDA},target=/src/target,sharing=locked \
+    set -- \
+ && if [ "${CUDA}" = 1 ]; then set -- --features llama-generator/cuda,llama-embedder/cuda; fi \
+ && cargo build --release --locked -p llama-generator -p llama-embedder \
+        --bin llama-generator --bin llama-embedder "$@" \
+ && cargo build --release --locked --bin llama-health \
+ && mkdir -p /out \
+ && for bin in llama-generator llama-embedder llama-health; do \
+        objcopy --strip-debug "target/release/$bin" "/out/$bin"; \
+    done
+
+# ---------------------------------------------------------------------------------------------
+# Runtime bases: runtime-0 (Debian slim) and runtime-1 (CUDA runtime libraries: cuBLAS...; the
+# driver comes from the host through the NVIDIA container toolkit). Same set-up on both:
+# CA certificates (hub downloads over TLS), libgomp1 (llama.cpp's OpenMP), libstdc++6, and the
+# unprivileged user owning /models (a fresh named volume mounted there inherits that owner).
+
+FROM debian:bookworm-slim AS runtime-0
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libgomp1 libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 llama \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin llama \
+ && install -d -o 10001 -g 10001 -m 0755 /models
+
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU} AS runtime-1
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates libgomp1 libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 llama \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin llama \
+ && install -d -o 10001 -g 10001 -m 0755 /models
+
+# ---------------------------------------------------------------------------------------------
+# Service images.
+
+FROM runtime-0 AS loader
+LABEL org.opencontainers.image.title="llama-loader" \
+      org.opencontainers.image.description="llama-agent loader: owns the GGUF model volume" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build-loader /out/llama-loader /out/llama-health /usr/local/bin/
+ENV LLAMA_LOADER_LISTEN=0.0.0.0:50051 \
+    LLAMA_CACHE_DIR=/models \
+    LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
+    OTEL_SERVICE_NAME=llama-loader
+USER 10001:10001
+WORKDIR /models
+EXPOSE 50051 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50051"]
+ENTRYPOINT ["/usr/local/bin/llama-loader"]
+
+# Generator and embedder: SERVING only once their preloads (LLAMA_*_PRELOAD) are loaded, which
+# may include a download: a long start period. (DL3006: runtime-${CUDA} is a stage above.)
+# hadolint ignore=DL3006
+FROM runtime-${CUDA} AS generator
+LABEL org.opencontainers.image.title="llama-generator" \
+      org.opencontainers.image.description="llama-agent generator: streams tokens from GGUF models" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build-inference /out/llama-generator /out/llama-health /usr/local/bin/
+ENV LLAMA_GENERATOR_LISTEN=0.0.0.0:50052 \
+    LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
+    OTEL_SERVICE_NAME=llama-generator
+USER 10001:10001
+EXPOSE 50052 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50052"]
+ENTRYPOINT ["/usr/local/bin/llama-generator"]
+
+# hadolint ignore=DL3006
+FROM runtime-${CUDA} AS embedder
+LABEL org.opencontainers.image.title="llama-embedder" \
+      org.opencontainers.image.description="llama-agent embedder: embeds texts with GGUF models" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build-inference /out/llama-embedder /out/llama-health /usr/local/bin/
+ENV LLAMA_EMBEDDER_LISTEN=0.0.0.0:50053 \
+    LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
+    OTEL_SERVICE_NAME=llama-embedder
+USER 10001:10001
+EXPOSE 50053 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50053"]
+ENTRYPOINT ["/usr/local/bin/llama-embedder"]
