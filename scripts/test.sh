@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set-up, then every check CI runs: formatting, clippy, and the whole test suite (unit and
-# integration tests on real models, real gRPC servers, a real hub mirror).
+# Set-up, then every check CI runs: formatting, clippy, the deployment validators, and the
+# whole test suite (unit and integration tests on real models, real gRPC servers, a real hub mirror).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -9,6 +9,8 @@ scripts/setup.sh
 cargo fmt --all --check
 # --release shares the build scripts' output (llama.cpp) with the release build above.
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
+# Contracts (buf lint/breaking), Dockerfile, compose, kustomize manifests, live /metrics.
+scripts/validate-deploy.sh
 
 export LLAMA_AGENT_MODELS_DIR="${LLAMA_AGENT_MODELS_DIR:-$ROOT/models}"
 export GRPCURL="${GRPCURL:-$ROOT/.venv/bin/grpcurl}"

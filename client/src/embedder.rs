@@ -7,6 +7,8 @@ use llama_agent_proto::embedder::v1 as pb;
 use llama_agent_proto::embedder::v1::embedder_service_client::EmbedderServiceClient;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
+
+use crate::call::{ConnectOptions, Transport};
 use tonic::IntoRequest;
 
 use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
@@ -20,24 +22,34 @@ const STREAM_SEND_AHEAD: usize = 2;
 
 #[derive(Clone)]
 pub struct EmbedderClient {
-    inner: EmbedderServiceClient<Channel>,
+    inner: EmbedderServiceClient<Transport>,
     retry: RetryPolicy,
     deadline: Duration,
 }
 
 impl EmbedderClient {
+    /// Over any channel (an in-process one: no token, the trace context still travels).
     pub fn new(channel: Channel) -> Self {
+        Self::over(crate::call::plain(channel))
+    }
+
+    /// To `uri` with the token and TLS settings of the environment (see [`ConnectOptions::from_env`]).
+    pub fn connect(uri: &str) -> Result<Self, ClientError> {
+        Self::connect_with(uri, &ConnectOptions::from_env()?)
+    }
+
+    pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        Ok(Self::over(crate::call::connect(uri, opts)?))
+    }
+
+    fn over(transport: Transport) -> Self {
         Self {
-            inner: EmbedderServiceClient::new(channel)
+            inner: EmbedderServiceClient::new(transport)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             retry: RetryPolicy::default(),
             deadline: DEFAULT_DEADLINE,
         }
-    }
-
-    pub fn connect(uri: &str) -> Result<Self, ClientError> {
-        Ok(Self::new(crate::channel(uri)?))
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {

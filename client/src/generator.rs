@@ -5,11 +5,13 @@ use llama_agent_proto::generator::v1 as pb;
 use llama_agent_proto::generator::v1::generator_service_client::GeneratorServiceClient;
 use tonic::transport::Channel;
 
+use crate::call::{ConnectOptions, Transport};
+
 use crate::{ClientError, RetryPolicy};
 
 #[derive(Clone)]
 pub struct GeneratorClient {
-    inner: GeneratorServiceClient<Channel>,
+    inner: GeneratorServiceClient<Transport>,
     retry: RetryPolicy,
 }
 
@@ -22,15 +24,25 @@ pub struct Generated {
 }
 
 impl GeneratorClient {
+    /// Over any channel (an in-process one: no token, the trace context still travels).
     pub fn new(channel: Channel) -> Self {
-        Self {
-            inner: GeneratorServiceClient::new(channel),
-            retry: RetryPolicy::default(),
-        }
+        Self::over(crate::call::plain(channel))
     }
 
+    /// To `uri` with the token and TLS settings of the environment (see [`ConnectOptions::from_env`]).
     pub fn connect(uri: &str) -> Result<Self, ClientError> {
-        Ok(Self::new(crate::channel(uri)?))
+        Self::connect_with(uri, &ConnectOptions::from_env()?)
+    }
+
+    pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        Ok(Self::over(crate::call::connect(uri, opts)?))
+    }
+
+    fn over(transport: Transport) -> Self {
+        Self {
+            inner: GeneratorServiceClient::new(transport),
+            retry: RetryPolicy::default(),
+        }
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {

@@ -7,13 +7,15 @@ use llama_agent_proto::common::v1::ModelInfo;
 use llama_agent_proto::loader::v1 as pb;
 use llama_agent_proto::loader::v1::loader_service_client::LoaderServiceClient;
 use tonic::transport::Channel;
+
+use crate::call::{ConnectOptions, Transport};
 use tonic::{IntoRequest, Request};
 
 use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
 
 #[derive(Clone)]
 pub struct LoaderClient {
-    inner: LoaderServiceClient<Channel>,
+    inner: LoaderServiceClient<Transport>,
     retry: RetryPolicy,
     deadline: Duration,
 }
@@ -27,17 +29,27 @@ pub struct Ensured {
 }
 
 impl LoaderClient {
+    /// Over any channel (an in-process one: no token, the trace context still travels).
     pub fn new(channel: Channel) -> Self {
+        Self::over(crate::call::plain(channel))
+    }
+
+    /// To `uri` with the token and TLS settings of the environment (see [`ConnectOptions::from_env`]).
+    pub fn connect(uri: &str) -> Result<Self, ClientError> {
+        Self::connect_with(uri, &ConnectOptions::from_env()?)
+    }
+
+    pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        Ok(Self::over(crate::call::connect(uri, opts)?))
+    }
+
+    fn over(transport: Transport) -> Self {
         Self {
             // Model files are big but messages are small; defaults suffice.
-            inner: LoaderServiceClient::new(channel),
+            inner: LoaderServiceClient::new(transport),
             retry: RetryPolicy::default(),
             deadline: DEFAULT_DEADLINE,
         }
-    }
-
-    pub fn connect(uri: &str) -> Result<Self, ClientError> {
-        Ok(Self::new(crate::channel(uri)?))
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -106,7 +118,7 @@ impl LoaderClient {
     ) -> Result<Resp, ClientError>
     where
         Req: Clone,
-        F: Fn(LoaderServiceClient<Channel>, Request<Req>) -> Fut,
+        F: Fn(LoaderServiceClient<Transport>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let r = retry

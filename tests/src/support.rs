@@ -8,11 +8,14 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
 use llama_agent_client::LoaderClient;
+use llama_agent_common::options::Plumbing;
 use llama_loader::LoaderConfig;
 use tokio::sync::oneshot;
 
 pub const GEMMA_FILE: &str = "gemma-3-270m-Q4_K_M.gguf";
 pub const MINILM_FILE: &str = "all-MiniLM-L6-v2-F16.gguf";
+/// The same weights unrounded (F32 throughout).
+pub const MINILM_F32_FILE: &str = "all-MiniLM-L6-v2-F32.gguf";
 
 /// Where `scripts/fetch-test-models.sh` put the test models.
 pub fn models_dir() -> PathBuf {
@@ -93,7 +96,7 @@ impl InProcessLoader {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            if let Err(e) = llama_loader::run(config, listener, shutdown).await {
+            if let Err(e) = llama_loader::run(config, Plumbing::plain(), listener, shutdown).await {
                 panic!("loader failed: {e}");
             }
         });
@@ -137,7 +140,7 @@ impl LoaderProcess {
             .spawn()
             .context("spawning llama-loader")?;
         let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let addr = read_serving_addr(lines, &mut child, "llama-loader")?;
+        let (addr, _) = read_addrs(lines, &mut child, "llama-loader")?;
         Ok(Self { child, addr })
     }
 
@@ -159,20 +162,26 @@ impl Drop for LoaderProcess {
     }
 }
 
-/// Reads a service's JSON log until its `serving` line, then keeps draining (echoed to our
-/// stderr with LLAMA_TEST_ECHO_LOGS set) so the child never blocks on a full pipe.
-fn read_serving_addr(
+/// Reads a service's JSON log until its `serving` line (noting the `metrics listening` line
+/// before it), then keeps draining (echoed to our stderr with LLAMA_TEST_ECHO_LOGS set) so the
+/// child never blocks on a full pipe.
+fn read_addrs(
     mut lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
     child: &mut Child,
     name: &str,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
+    let mut metrics = None;
     let addr = loop {
         let Some(line) = lines.next() else {
             let status = child.wait()?;
             bail!("{name} exited ({status}) before serving");
         };
-        if let Some(addr) = serving_addr(&line?) {
+        let line = line?;
+        if let Some(addr) = logged_addr(&line, " serving") {
             break addr;
+        }
+        if let Some(addr) = logged_addr(&line, "metrics listening") {
+            metrics = Some(addr);
         }
     };
     let echo = std::env::var_os("LLAMA_TEST_ECHO_LOGS").is_some();
@@ -184,14 +193,14 @@ fn read_serving_addr(
             }
         }
     });
-    Ok(addr)
+    Ok((addr, metrics))
 }
 
-/// The address in a service's `... serving` log line.
-fn serving_addr(line: &str) -> Option<SocketAddr> {
+/// The address in a service's JSON log line whose message ends with `suffix`.
+fn logged_addr(line: &str, suffix: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
-    if !fields.get("message")?.as_str()?.ends_with(" serving") {
+    if !fields.get("message")?.as_str()?.ends_with(suffix) {
         return None;
     }
     fields.get("addr")?.as_str()?.parse().ok()
@@ -229,7 +238,10 @@ impl GeneratorStack {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            if let Err(e) = llama_generator::run(config, loader_client, listener, shutdown).await {
+            if let Err(e) =
+                llama_generator::run(config, Plumbing::plain(), loader_client, listener, shutdown)
+                    .await
+            {
                 panic!("generator failed: {e}");
             }
         });
@@ -266,21 +278,40 @@ impl Drop for GeneratorStack {
 pub struct ServiceProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where `/metrics` listens, when `--metrics-listen` was given.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServiceProcess {
     pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_env(bin, args, &[])
+    }
+
+    /// With extra environment variables (tokens, OTLP endpoints).
+    pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut child = Command::new(workspace_bin(bin))
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning {bin}"))?;
         let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let addr = read_serving_addr(lines, &mut child, bin)?;
-        Ok(Self { child, addr })
+        let (addr, metrics) = read_addrs(lines, &mut child, bin)?;
+        Ok(Self {
+            child,
+            addr,
+            metrics,
+        })
+    }
+
+    /// SIGTERM, as Kubernetes sends it.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 }
 
@@ -322,4 +353,27 @@ impl Drop for MirrorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// grpcurl from the venv (or `$GRPCURL`).
+pub fn grpcurl() -> String {
+    let g = std::env::var("GRPCURL")
+        .unwrap_or_else(|_| repo_root().join(".venv/bin/grpcurl").display().to_string());
+    assert!(
+        Path::new(&g).is_file(),
+        "{g} is missing: run scripts/python-env.sh"
+    );
+    g
+}
+
+/// Runs `cmd`, asserting success; its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

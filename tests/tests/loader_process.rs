@@ -7,7 +7,9 @@ use std::process::Command;
 use futures::StreamExt;
 use llama_agent_client::proto::loader::v1::{self as pb, ensure_model_response::Event};
 use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpec};
-use llama_agent_tests::support::{model, model_md5, workspace_bin, LoaderProcess, GEMMA_FILE};
+use llama_agent_tests::support::{
+    grpcurl, model, model_md5, run_ok, workspace_bin, LoaderProcess, GEMMA_FILE,
+};
 
 const REPO: &str = "test/gemma-3-270m-GGUF";
 
@@ -95,31 +97,6 @@ async fn kill_9_mid_download_then_restart_resumes_to_identical_bytes() {
     assert!(again.cache_hit);
     assert_eq!(again.model.md5, done.model.md5);
     assert_eq!(mirror.stats().listings, 0);
-}
-
-fn grpcurl() -> String {
-    let g = std::env::var("GRPCURL").unwrap_or_else(|_| {
-        llama_agent_tests::support::repo_root()
-            .join(".venv/bin/grpcurl")
-            .display()
-            .to_string()
-    });
-    assert!(
-        Path::new(&g).is_file(),
-        "{g} is missing: run scripts/python-env.sh"
-    );
-    g
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use llama_agent_client::LoaderClient;
 use llama_agent_common::telemetry::{self, LogFormat};
 use llama_loader::LoaderConfig;
+use tracing::Instrument;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,10 +68,27 @@ async fn main() {
         // Progress and results go to the terminal; logs only when asked for.
         std::env::set_var("RUST_LOG", "warn,llama-cpp-2=error");
     }
-    telemetry::init(cli.log_format);
-    if let Err(e) = run(cli).await {
+    let telemetry = telemetry::init(cli.log_format, "llama-cli");
+    // The root of this run's trace: every RPC below carries it to the services.
+    let span =
+        tracing::info_span!("llama-cli", otel.name = %format!("llama-cli {}", cli.command.name()));
+    let result = run(cli).instrument(span).await;
+    telemetry.shutdown().await;
+    if let Err(e) = result {
         eprintln!("llama-cli: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::CacheDir => "cache-dir",
+            Command::Pull { .. } => "pull",
+            Command::Cache { .. } => "cache",
+            Command::Generate(_) => "generate",
+            Command::Embed(_) => "embed",
+        }
     }
 }
 

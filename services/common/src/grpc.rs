@@ -1,14 +1,24 @@
-//! A tonic server with health and reflection (v1 and v1alpha) already mounted.
+//! A tonic server with health and reflection (v1 and v1alpha) already mounted, behind the
+//! gate (auth, spans, metrics), optionally over TLS; served until a signal, then drained.
 
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
+
+use crate::gate::GateLayer;
+use crate::options::Plumbing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcSetupError {
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS set-up: {0}")]
+    Tls(tonic::transport::Error),
 }
+
+/// Every service's router: its services behind the gate.
+pub type ServiceRouter = Router<Stack<GateLayer, Identity>>;
 
 /// Services every server carries besides its own.
 const PLUMBING: &[&str] = &[
@@ -23,7 +33,8 @@ const PLUMBING: &[&str] = &[
 /// Every service starts NOT_SERVING; the caller flips it once it is ready.
 pub async fn base_router(
     service_names: &[&str],
-) -> Result<(Router, HealthReporter), GrpcSetupError> {
+    plumbing: &Plumbing,
+) -> Result<(ServiceRouter, HealthReporter), GrpcSetupError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -47,7 +58,14 @@ pub async fn base_router(
         }
         b
     };
-    let router = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = &plumbing.tls {
+        server = server
+            .tls_config(tls.clone())
+            .map_err(GrpcSetupError::Tls)?;
+    }
+    let router = server
+        .layer(GateLayer::new(plumbing.token.clone()))
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
@@ -56,36 +74,142 @@ pub async fn base_router(
 
 /// Marks the whole server and each named service SERVING.
 pub async fn set_serving(reporter: &HealthReporter, service_names: &[&str]) {
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    set_all(
+        reporter,
+        service_names,
+        tonic_health::ServingStatus::Serving,
+    )
+    .await;
+}
+
+async fn set_all(
+    reporter: &HealthReporter,
+    service_names: &[&str],
+    status: tonic_health::ServingStatus,
+) {
+    reporter.set_service_status("", status).await;
     for name in service_names {
-        reporter
-            .set_service_status(*name, tonic_health::ServingStatus::Serving)
-            .await;
+        reporter.set_service_status(*name, status).await;
     }
 }
 
-/// Serves `router` on a bound listener until `shutdown` resolves, announcing
-/// `<name> serving` with the address (scripts and tests read it to find ephemeral ports).
+/// A router and what serving it needs.
+pub struct Ready {
+    pub router: ServiceRouter,
+    pub health: HealthReporter,
+    pub service_names: &'static [&'static str],
+    /// Work before SERVING (preloading models), run while health already answers NOT_SERVING.
+    pub warmup: futures::future::BoxFuture<'static, Result<(), String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeFailure {
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Warmup(String),
+}
+
+/// Serves on a bound listener (and `/metrics` on the plumbing's) until `shutdown` resolves,
+/// announcing `<name> serving` with the address (scripts and tests read it to find ephemeral
+/// ports). On shutdown: health turns NOT_SERVING, new connections and streams are refused
+/// (HTTP/2 GOAWAY), and in-flight calls get the grace period to finish before the rest are cut.
 pub async fn serve_tcp(
     name: &str,
-    router: Router,
+    ready: Ready,
+    plumbing: Plumbing,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeFailure> {
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(%addr, "{name} serving");
+    let (draining, mut drain_seen) = tokio::sync::watch::channel(false);
+    if let Some(metrics) = plumbing.metrics {
+        // Logged before the service's own line, which tests and scripts wait for.
+        if let Ok(addr) = metrics.local_addr() {
+            tracing::info!(%addr, "metrics listening");
+        }
+        let mut stop = draining.subscribe();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|d| *d).await;
+            };
+            if let Err(e) = crate::metrics::serve(metrics, stopped).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    tracing::info!(%addr, tls = plumbing.tls.is_some(), auth = plumbing.token.is_some(), "{name} serving");
     // Without TCP_NODELAY a response's last frame waits out the peer's delayed ACK (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)));
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    let Ready {
+        router,
+        health,
+        service_names,
+        warmup,
+    } = ready;
+    let (failed, warmup_failed) = tokio::sync::oneshot::channel::<String>();
+    let warm_health = health.clone();
+    tokio::spawn(async move {
+        match warmup.await {
+            Ok(()) => set_serving(&warm_health, service_names).await,
+            Err(e) => {
+                let _ = failed.send(e);
+            }
+        }
+    });
+    let (failure_tx, mut failure) = tokio::sync::watch::channel(None::<String>);
+    let signal = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            Ok(e) = warmup_failed => {
+                tracing::error!(error = %e, "warm-up failed; stopping");
+                let _ = failure_tx.send(Some(e));
+            }
+        }
+        tracing::info!(
+            grace_s = plumbing.grace_period.as_secs(),
+            "draining: no new calls"
+        );
+        set_all(
+            &health,
+            service_names,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+        let _ = draining.send(true);
+    };
+    let served = router.serve_with_incoming_shutdown(incoming, signal);
+    let grace = plumbing.grace_period;
+    let grace_over = async move {
+        let _ = drain_seen.wait_for(|d| *d).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = served => {
+            tracing::info!("{name} stopped");
+            r?;
+        }
+        _ = grace_over => {
+            tracing::warn!("grace period over: cutting the calls still running");
+        }
+    }
+    let failed = failure.borrow_and_update().clone();
+    match failed {
+        Some(e) => Err(ServeFailure::Warmup(e)),
+        None => Ok(()),
+    }
+}
+
+/// Runs the warm-up, then serves the router inside this process (see [`in_process`]).
+pub async fn in_process_ready(ready: Ready) -> Result<tonic::transport::Channel, ServeFailure> {
+    ready.warmup.await.map_err(ServeFailure::Warmup)?;
+    set_serving(&ready.health, ready.service_names).await;
+    Ok(in_process(ready.router))
 }
 
 /// Byte buffer of each in-process connection: large enough that an embedding batch moves in
@@ -94,7 +218,7 @@ const IN_PROCESS_BUFFER: usize = 1 << 20;
 
 /// Serves `router` inside this process and returns a channel to it: the CLI's no-server mode
 /// runs exactly the code a remote client reaches, over in-memory pipes instead of TCP.
-pub fn in_process(router: Router) -> tonic::transport::Channel {
+pub fn in_process(router: ServiceRouter) -> tonic::transport::Channel {
     // Connections are opened once and again only after a failure: a few slots suffice.
     let (tx, rx) = tokio::sync::mpsc::channel::<tokio::io::DuplexStream>(4);
     tokio::spawn(async move {

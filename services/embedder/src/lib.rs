@@ -15,6 +15,8 @@ pub use config::EmbedderConfig;
 pub use convert::MAX_TEXTS;
 pub use error::EmbedderError;
 use llama_agent_client::LoaderClient;
+use llama_agent_common::grpc::{Ready, ServeFailure};
+use llama_agent_common::options::Plumbing;
 use llama_agent_engine::embed::{EmbeddingEngine, EmbeddingOptions};
 use llama_agent_engine::LoadOptions;
 use llama_agent_models::ModelPool;
@@ -28,15 +30,11 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("preloading {model}: {reason}")]
-    Preload { model: String, reason: String },
+    #[error(transparent)]
+    Serve(#[from] ServeFailure),
 }
 
-/// Largest message the embedder accepts or sends: a full batch of long texts in, a full
-/// batch of wide vectors out (4096 texts x 4096 dims x 4 bytes is 64 MiB).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+const SERVICES: &[&str] = &[SERVICE_NAME];
 
 fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<EmbeddingEngine>> {
     let opts = EmbeddingOptions {
@@ -47,6 +45,7 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
         max_batch_tokens: config.max_batch_tokens,
         max_seqs_per_batch: config.max_seqs_per_batch,
         queue: config.queue_depth,
+        flash_attention: config.flash_attention,
     };
     let holder = llama_agent_models::lease_holder("llama-embedder");
     ModelPool::new(
@@ -57,37 +56,40 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
     )
 }
 
-/// The router (health, reflection, EmbedderService); SERVING once preloads are done.
+/// The router (health, reflection, EmbedderService) and its warm-up (preloads).
 async fn build(
     config: &EmbedderConfig,
     loader: LoaderClient,
-) -> Result<tonic::transport::server::Router, ServeError> {
+    plumbing: &Plumbing,
+) -> Result<Ready, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let pool = pool(config, loader);
-    let (router, health) = llama_agent_common::grpc::base_router(&[SERVICE_NAME]).await?;
+    let (router, health) = llama_agent_common::grpc::base_router(SERVICES, plumbing).await?;
     let svc = EmbedderServiceServer::new(service::EmbedderGrpc::new(Arc::clone(&pool)))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = router.add_service(svc);
-    pool.preload(&config.preload)
-        .await
-        .map_err(|(model, e)| ServeError::Preload {
-            model,
-            reason: e.to_string(),
-        })?;
-    llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
-    Ok(router)
+        .max_decoding_message_size(plumbing.max_message_size)
+        .max_encoding_message_size(plumbing.max_message_size);
+    Ok(Ready {
+        router: router.add_service(svc),
+        health,
+        service_names: SERVICES,
+        warmup: pool.warmup(config.preload.clone()),
+    })
 }
 
-/// Serves the embedder on `listener` until `shutdown` resolves. `main` and the tests call this.
+/// Serves the embedder on `listener` until `shutdown` resolves (then drains). `main` and the
+/// tests call this.
 pub async fn run(
     config: EmbedderConfig,
+    plumbing: Plumbing,
     loader: LoaderClient,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let router = build(&config, loader).await?;
-    Ok(llama_agent_common::grpc::serve_tcp("embedder", router, listener, shutdown).await?)
+    let ready = build(&config, loader, &plumbing).await?;
+    Ok(
+        llama_agent_common::grpc::serve_tcp("embedder", ready, plumbing, listener, shutdown)
+            .await?,
+    )
 }
 
 /// The embedder inside this process, reached through a channel that speaks the same gRPC.
@@ -95,6 +97,6 @@ pub async fn in_process(
     config: &EmbedderConfig,
     loader: LoaderClient,
 ) -> Result<tonic::transport::Channel, ServeError> {
-    let router = build(config, loader).await?;
-    Ok(llama_agent_common::grpc::in_process(router))
+    let ready = build(config, loader, &Plumbing::plain()).await?;
+    Ok(llama_agent_common::grpc::in_process_ready(ready).await?)
 }

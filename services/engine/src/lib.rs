@@ -6,6 +6,7 @@ mod backend;
 pub mod embed;
 mod error;
 pub mod generate;
+mod metrics;
 mod model;
 pub mod text;
 

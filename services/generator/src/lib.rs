@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 pub use config::GeneratorConfig;
 use llama_agent_client::LoaderClient;
+use llama_agent_common::grpc::{Ready, ServeFailure};
+use llama_agent_common::options::Plumbing;
 use llama_agent_engine::generate::{GenerateOptions, GenerationEngine};
 use llama_agent_engine::LoadOptions;
 use llama_agent_models::ModelPool;
@@ -23,11 +25,11 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("preloading {model}: {reason}")]
-    Preload { model: String, reason: String },
+    #[error(transparent)]
+    Serve(#[from] ServeFailure),
 }
+
+const SERVICES: &[&str] = &[SERVICE_NAME];
 
 fn pool(config: &GeneratorConfig, loader: LoaderClient) -> Arc<ModelPool<GenerationEngine>> {
     let opts = GenerateOptions {
@@ -49,36 +51,40 @@ fn pool(config: &GeneratorConfig, loader: LoaderClient) -> Arc<ModelPool<Generat
     )
 }
 
-/// The router (health, reflection, GeneratorService); SERVING once preloads are done.
+/// The router (health, reflection, GeneratorService) and its warm-up (preloads).
 async fn build(
     config: &GeneratorConfig,
     loader: LoaderClient,
-) -> Result<tonic::transport::server::Router, ServeError> {
+    plumbing: &Plumbing,
+) -> Result<Ready, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let pool = pool(config, loader);
-    let (router, health) = llama_agent_common::grpc::base_router(&[SERVICE_NAME]).await?;
-    let router = router.add_service(GeneratorServiceServer::new(service::GeneratorGrpc::new(
-        Arc::clone(&pool),
-    )));
-    pool.preload(&config.preload)
-        .await
-        .map_err(|(model, e)| ServeError::Preload {
-            model,
-            reason: e.to_string(),
-        })?;
-    llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
-    Ok(router)
+    let (router, health) = llama_agent_common::grpc::base_router(SERVICES, plumbing).await?;
+    let svc = GeneratorServiceServer::new(service::GeneratorGrpc::new(Arc::clone(&pool)))
+        .max_decoding_message_size(plumbing.max_message_size)
+        .max_encoding_message_size(plumbing.max_message_size);
+    Ok(Ready {
+        router: router.add_service(svc),
+        health,
+        service_names: SERVICES,
+        warmup: pool.warmup(config.preload.clone()),
+    })
 }
 
-/// Serves the generator on `listener` until `shutdown` resolves. `main` and the tests call this.
+/// Serves the generator on `listener` until `shutdown` resolves (then drains). `main` and the
+/// tests call this.
 pub async fn run(
     config: GeneratorConfig,
+    plumbing: Plumbing,
     loader: LoaderClient,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let router = build(&config, loader).await?;
-    Ok(llama_agent_common::grpc::serve_tcp("generator", router, listener, shutdown).await?)
+    let ready = build(&config, loader, &plumbing).await?;
+    Ok(
+        llama_agent_common::grpc::serve_tcp("generator", ready, plumbing, listener, shutdown)
+            .await?,
+    )
 }
 
 /// The generator inside this process, reached through a channel that speaks the same gRPC.
@@ -86,6 +92,6 @@ pub async fn in_process(
     config: &GeneratorConfig,
     loader: LoaderClient,
 ) -> Result<tonic::transport::Channel, ServeError> {
-    let router = build(config, loader).await?;
-    Ok(llama_agent_common::grpc::in_process(router))
+    let ready = build(config, loader, &Plumbing::plain()).await?;
+    Ok(llama_agent_common::grpc::in_process_ready(ready).await?)
 }

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use llama_agent_client::LoaderClient;
+use llama_agent_common::options::ServerOptions;
 use llama_agent_common::telemetry::{self, LogFormat};
 use llama_generator::GeneratorConfig;
 
@@ -22,18 +23,29 @@ struct Args {
     log_format: LogFormat,
 
     #[command(flatten)]
+    server: ServerOptions,
+
+    #[command(flatten)]
     generator: GeneratorConfig,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(args.log_format);
+    let telemetry = telemetry::init(args.log_format, "llama-generator");
+    let served = serve(args).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     args.generator.validate().map_err(anyhow::Error::msg)?;
+    let plumbing = args.server.resolve().await?;
     let loader = LoaderClient::connect(&args.loader_endpoint)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     llama_generator::run(
         args.generator,
+        plumbing,
         loader,
         listener,
         llama_agent_common::signal::terminate(),

@@ -212,6 +212,8 @@ impl Cache {
         }
         remove_empty_dirs(&self.root.join(&entry.dir), &self.root.join("models"));
         tracing::info!(key, bytes = entry.size(), "evicted");
+        crate::metrics::EVICTIONS.inc();
+        crate::metrics::EVICTED_BYTES.inc_by(entry.size());
         Ok(entry.size())
     }
 

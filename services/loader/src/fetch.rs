@@ -244,6 +244,7 @@ async fn transfer(
             Some(Err(e)) => return Ok(Transfer::Retry(e.to_string())),
             Some(Ok(bytes)) => {
                 *offset += bytes.len() as u64;
+                crate::metrics::DOWNLOADED_BYTES.inc_by(bytes.len() as u64);
                 if remote.size > 0 && *offset > remote.size {
                     return Err(LoaderError::Integrity {
                         file: remote.name.clone(),

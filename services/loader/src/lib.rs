@@ -8,6 +8,7 @@ pub mod error;
 pub mod fetch;
 pub mod hub;
 pub mod loader;
+mod metrics;
 pub mod reference;
 pub mod service;
 pub mod store;
@@ -18,6 +19,8 @@ use std::time::Duration;
 
 pub use config::LoaderConfig;
 pub use error::LoaderError;
+use llama_agent_common::grpc::{Ready, ServeFailure};
+use llama_agent_common::options::Plumbing;
 use llama_agent_proto::loader::v1::loader_service_server::{LoaderServiceServer, SERVICE_NAME};
 pub use loader::Loader;
 
@@ -36,21 +39,29 @@ pub enum ServeError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeFailure),
 }
 
-/// The loader's router (health, reflection, LoaderService), SERVING once the cache is open.
+const SERVICES: &[&str] = &[SERVICE_NAME];
+
+/// The loader's router (health, reflection, LoaderService); ready as soon as the cache is open.
 async fn build(
     config: &LoaderConfig,
-) -> Result<(tonic::transport::server::Router, Arc<Loader>), ServeError> {
+    plumbing: &Plumbing,
+) -> Result<(Ready, Arc<Loader>), ServeError> {
     let loader = Loader::new(config)?;
-    let (router, health) = llama_agent_common::grpc::base_router(&[SERVICE_NAME]).await?;
-    let router = router.add_service(LoaderServiceServer::new(service::LoaderGrpc::new(
-        Arc::clone(&loader),
-    )));
-    llama_agent_common::grpc::set_serving(&health, &[SERVICE_NAME]).await;
-    Ok((router, loader))
+    let (router, health) = llama_agent_common::grpc::base_router(SERVICES, plumbing).await?;
+    let svc = LoaderServiceServer::new(service::LoaderGrpc::new(Arc::clone(&loader)))
+        .max_decoding_message_size(plumbing.max_message_size)
+        .max_encoding_message_size(plumbing.max_message_size);
+    let ready = Ready {
+        router: router.add_service(svc),
+        health,
+        service_names: SERVICES,
+        warmup: Box::pin(std::future::ready(Ok(()))),
+    };
+    Ok((ready, loader))
 }
 
 fn spawn_flusher(loader: &Arc<Loader>) -> tokio::task::JoinHandle<()> {
@@ -69,13 +80,15 @@ fn spawn_flusher(loader: &Arc<Loader>) -> tokio::task::JoinHandle<()> {
 /// Serves the loader on `listener` until `shutdown` resolves. `main` and the tests call this.
 pub async fn run(
     config: LoaderConfig,
+    plumbing: Plumbing,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let (router, loader) = build(&config).await?;
+    let (ready, loader) = build(&config, &plumbing).await?;
     let flusher = spawn_flusher(&loader);
     tracing::info!(cache = %loader.cache().root().display(), "loader cache open");
-    let served = llama_agent_common::grpc::serve_tcp("loader", router, listener, shutdown).await;
+    let served =
+        llama_agent_common::grpc::serve_tcp("loader", ready, plumbing, listener, shutdown).await;
     flusher.abort();
     loader.cache().flush()?;
     Ok(served?)
@@ -83,7 +96,7 @@ pub async fn run(
 
 /// The loader inside this process, reached through a channel that speaks the same gRPC.
 pub async fn in_process(config: &LoaderConfig) -> Result<tonic::transport::Channel, ServeError> {
-    let (router, loader) = build(config).await?;
+    let (ready, loader) = build(config, &Plumbing::plain()).await?;
     spawn_flusher(&loader);
-    Ok(llama_agent_common::grpc::in_process(router))
+    Ok(llama_agent_common::grpc::in_process_ready(ready).await?)
 }

@@ -206,6 +206,8 @@ impl Loader {
         cache_hit: bool,
         opts: &EnsureOptions,
     ) -> std::result::Result<Ensured, Arc<LoaderError>> {
+        let outcome = if cache_hit { "hit" } else { "miss" };
+        crate::metrics::ENSURES.with_label_values(&[outcome]).inc();
         let lease = if opts.lease_ttl_secs > 0 {
             Some(
                 self.cache

@@ -1,6 +1,7 @@
 //! `llama-loader`: the model-volume service.
 
 use clap::Parser;
+use llama_agent_common::options::ServerOptions;
 use llama_agent_common::telemetry::{self, LogFormat};
 use llama_loader::LoaderConfig;
 
@@ -17,17 +18,28 @@ struct Args {
     log_format: LogFormat,
 
     #[command(flatten)]
+    server: ServerOptions,
+
+    #[command(flatten)]
     loader: LoaderConfig,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(args.log_format);
+    let telemetry = telemetry::init(args.log_format, "llama-loader");
+    let served = serve(args).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     args.loader.validate()?;
+    let plumbing = args.server.resolve().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     llama_loader::run(
         args.loader,
+        plumbing,
         listener,
         llama_agent_common::signal::terminate(),
     )

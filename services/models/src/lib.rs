@@ -13,6 +13,23 @@ use llama_agent_client::proto::loader::v1::EnsureModelRequest;
 use llama_agent_client::{ClientError, LoaderClient};
 use llama_agent_engine::EngineError;
 
+static LOAD_SECONDS: std::sync::LazyLock<prometheus::Histogram> = std::sync::LazyLock::new(|| {
+    prometheus::register_histogram!(
+        "llama_agent_model_load_seconds",
+        "Time to load a model file into an engine (after the loader provided it).",
+        prometheus::exponential_buckets(0.05, 2.0, 12).expect("valid buckets")
+    )
+    .expect("metric registers once")
+});
+
+static LOADED: std::sync::LazyLock<prometheus::IntGauge> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_gauge!(
+        "llama_agent_models_loaded",
+        "Models loaded in this process."
+    )
+    .expect("metric registers once")
+});
+
 /// Leases are taken for this long and renewed at a third of it, so two missed renewals
 /// still leave the model pinned.
 const LEASE_TTL_SECS: u32 = 300;
@@ -180,6 +197,8 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
             }
         };
         tracing::info!(model = %key, ms = started.elapsed().as_millis() as u64, "model loaded");
+        LOAD_SECONDS.observe(started.elapsed().as_secs_f64());
+        LOADED.inc();
         let evicted = {
             let mut st = self.lock();
             st.loaded.insert(
@@ -209,6 +228,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
         };
         for (k, lease) in evicted {
             tracing::info!(model = %k, "model unloaded (least recently used)");
+            LOADED.dec();
             self.release(lease).await;
         }
         Ok((engine, info))
@@ -220,6 +240,19 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
             self.get(model).await.map_err(|e| (model.clone(), e))?;
         }
         Ok(())
+    }
+
+    /// The preloads as a service's warm-up: done before health reports SERVING.
+    pub fn warmup(
+        self: &Arc<Self>,
+        models: Vec<String>,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let pool = Arc::clone(self);
+        Box::pin(async move {
+            pool.preload(&models)
+                .await
+                .map_err(|(model, e)| format!("preloading {model}: {e}"))
+        })
     }
 
     /// Models loaded now, most recently used first.

@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
     rss_counts: Vec<usize>,
     /// The embedder's token budget and sequences per llama.cpp batch (the bare loop's too).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 512)]
     max_batch_tokens: u32,
     #[arg(long, default_value_t = 64)]
     max_seqs: u32,

@@ -118,6 +118,9 @@ impl<'m> Batcher<'m> {
     /// Tokenizes a request; a text that is empty of tokens or too long (and not to be cut)
     /// rejects the whole request, naming the row, before any work is done for it.
     fn admit(&mut self, job: Job) {
+        crate::metrics::QUEUE_DEPTH
+            .with_label_values(&["embed"])
+            .dec();
         let Job { req, reply } = job;
         let _entered = req.span.enter();
         match self.prepare(&req) {
@@ -247,6 +250,10 @@ impl<'m> Batcher<'m> {
         }
         // Causal models keep KV cells per sequence; every batch starts from an empty cache.
         self.ctx.clear_kv_cache();
+        crate::metrics::EMBED_BATCH_SEQUENCES.observe(seqs.len() as f64);
+        crate::metrics::EMBED_BATCH_TOKENS.observe(n_tokens as f64);
+        crate::metrics::EMBED_TEXTS.inc_by(seqs.len() as u64);
+        crate::metrics::EMBED_TOKENS.inc_by(n_tokens as u64);
         tracing::debug!(
             seqs = seqs.len(),
             tokens = n_tokens,

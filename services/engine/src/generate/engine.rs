@@ -101,6 +101,9 @@ impl GenerationEngine {
             mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue),
             mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
         })?;
+        crate::metrics::QUEUE_DEPTH
+            .with_label_values(&["generate"])
+            .inc();
         Ok(rx)
     }
 }
@@ -205,6 +208,9 @@ impl Engine<'_> {
     }
 
     fn admit(&mut self, seq: usize, job: Job) {
+        crate::metrics::QUEUE_DEPTH
+            .with_label_values(&["generate"])
+            .dec();
         let span = job.req.span.clone();
         let _entered = span.enter();
         let started = Instant::now();
@@ -215,6 +221,7 @@ impl Engine<'_> {
                     n => n,
                 };
                 tracing::debug!(seq, prompt_tokens = prompt.len(), "sequence admitted");
+                crate::metrics::PROMPT_TOKENS.inc_by(prompt.len() as u64);
                 self.slots[seq] = Some(Slot {
                     seq: seq as i32,
                     prompt,
@@ -234,6 +241,7 @@ impl Engine<'_> {
                     submitted: job.submitted,
                     started,
                     first_token: None,
+                    last_token: None,
                 });
             }
             Err(e) => {
@@ -409,9 +417,16 @@ impl Engine<'_> {
         };
         let token = slot.sampler.sample(&self.ctx, row);
         slot.generated += 1;
-        if slot.first_token.is_none() {
-            slot.first_token = Some(Instant::now());
+        let now = Instant::now();
+        match slot.last_token {
+            None => {
+                slot.first_token = Some(now);
+                crate::metrics::TTFT.observe((now - slot.submitted).as_secs_f64());
+            }
+            Some(last) => crate::metrics::INTER_TOKEN.observe((now - last).as_secs_f64()),
         }
+        slot.last_token = Some(now);
+        crate::metrics::TOKENS_GENERATED.inc();
         let vocab = model.vocab();
         let finish = if vocab.is_eog(token) {
             Some(FinishReason::Stop)

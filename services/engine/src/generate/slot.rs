@@ -39,6 +39,7 @@ pub(super) struct Slot {
     pub submitted: Instant,
     pub started: Instant,
     pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
 }
 
 impl Slot {

@@ -1,0 +1,87 @@
+//! The engines' Prometheus metrics (default registry; the services expose it on `/metrics`).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, register_histogram, register_int_counter, register_int_gauge_vec,
+    Histogram, IntCounter, IntGaugeVec,
+};
+
+fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    exponential_buckets(start, factor, count).expect("valid buckets")
+}
+
+/// Requests accepted by an engine and not yet taken up by its thread, by engine kind.
+pub static QUEUE_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llama_agent_engine_queue_depth",
+        "Requests waiting for an engine thread, by engine (generate, embed).",
+        &["engine"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TTFT: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "llama_agent_generator_ttft_seconds",
+        "Time from a request's arrival at the engine to its first generated token.",
+        buckets(0.005, 2.0, 14)
+    )
+    .expect("metric registers once")
+});
+
+pub static INTER_TOKEN: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "llama_agent_generator_inter_token_seconds",
+        "Time between consecutive generated tokens of one sequence.",
+        buckets(0.001, 2.0, 14)
+    )
+    .expect("metric registers once")
+});
+
+pub static TOKENS_GENERATED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "llama_agent_generator_tokens_generated_total",
+        "Tokens sampled by the generator."
+    )
+    .expect("metric registers once")
+});
+
+pub static PROMPT_TOKENS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "llama_agent_generator_prompt_tokens_total",
+        "Prompt tokens evaluated by the generator."
+    )
+    .expect("metric registers once")
+});
+
+pub static EMBED_BATCH_SEQUENCES: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "llama_agent_embedder_batch_sequences",
+        "Texts packed into one llama.cpp embedding batch.",
+        buckets(1.0, 2.0, 10)
+    )
+    .expect("metric registers once")
+});
+
+pub static EMBED_BATCH_TOKENS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "llama_agent_embedder_batch_tokens",
+        "Tokens in one llama.cpp embedding batch.",
+        buckets(8.0, 2.0, 12)
+    )
+    .expect("metric registers once")
+});
+
+pub static EMBED_TEXTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("llama_agent_embedder_texts_total", "Texts embedded.")
+        .expect("metric registers once")
+});
+
+pub static EMBED_TOKENS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "llama_agent_embedder_tokens_total",
+        "Tokens run through embedding models."
+    )
+    .expect("metric registers once")
+});
