@@ -1,3 +1,5 @@
+pub use llama_agent_proto::code_name;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("invalid endpoint {0}")]
@@ -20,30 +22,15 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
+        // tonic reports its own client-side deadline as CANCELLED "Timeout expired"; callers
+        // (and gRPC everywhere else) call that DEADLINE_EXCEEDED.
+        if s.code() == tonic::Code::Cancelled
+            && s.message() == tonic::TimeoutExpired(()).to_string()
+        {
+            return ClientError::Status(tonic::Status::deadline_exceeded(
+                "the deadline passed before the server answered",
+            ));
+        }
         ClientError::Status(s)
-    }
-}
-
-/// The canonical upper-case name operators know from grpcurl (`NOT_FOUND`).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }

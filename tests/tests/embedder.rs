@@ -514,6 +514,29 @@ async fn bad_requests_get_clear_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_deadline_ends_the_call_and_the_engine_moves_on() {
+    let stack = Stack::start(config()).await;
+    // ~4000 texts take seconds here; 300 ms is long enough to start and far too short to end.
+    let texts = corpus(4000);
+    let hurried = stack
+        .client
+        .clone()
+        .with_deadline(std::time::Duration::from_millis(300))
+        .with_retry(RetryPolicy::none());
+    let (c, msg) = code(hurried.embed(request(&texts, Default::default())).await);
+    assert_eq!(c, Code::DeadlineExceeded, "{msg}");
+    // The engine dropped what was left of it: the next request is served, and right.
+    let got = rows(
+        &stack
+            .client
+            .embed(request(&texts[..8], Default::default()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_resource_exhausted() {
     let stack = Stack::start(EmbedderConfig {
         queue_depth: 1,

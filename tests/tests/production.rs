@@ -141,7 +141,12 @@ async fn token_guards_every_rpc_but_health_and_grpcurl_calls_each_service() {
         let addr = p.addr.to_string();
         // Health is open (probes cannot send headers): a real health client without a token.
         let probe = Command::new(workspace_bin("llama-health"))
-            .args(["--endpoint", &format!("http://{addr}"), "--service", service])
+            .args([
+                "--endpoint",
+                &format!("http://{addr}"),
+                "--service",
+                service,
+            ])
             .output()
             .unwrap();
         assert!(probe.status.success(), "{service}: {probe:?}");

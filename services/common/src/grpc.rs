@@ -102,6 +102,45 @@ pub struct Ready {
     pub warmup: futures::future::BoxFuture<'static, Result<(), String>>,
 }
 
+/// Why an inference service (generator, embedder) did not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Setup(#[from] GrpcSetupError),
+    #[error(transparent)]
+    Serve(#[from] ServeFailure),
+}
+
+/// `service` (its message limits already set) on the base router, with its warm-up.
+pub async fn ready<S>(
+    service: S,
+    service_names: &'static [&'static str],
+    plumbing: &Plumbing,
+    warmup: futures::future::BoxFuture<'static, Result<(), String>>,
+) -> Result<Ready, GrpcSetupError>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (router, health) = base_router(service_names, plumbing).await?;
+    Ok(Ready {
+        router: router.add_service(service),
+        health,
+        service_names,
+        warmup,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeFailure {
     #[error("gRPC transport: {0}")]

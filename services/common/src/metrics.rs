@@ -70,7 +70,11 @@ impl Call {
             .with_label_values(&labels)
             .observe(self.started.elapsed().as_secs_f64());
         REQUESTS
-            .with_label_values(&[&self.service, &self.method, code_name(code)])
+            .with_label_values(&[
+                &self.service,
+                &self.method,
+                llama_agent_proto::code_name(code),
+            ])
             .inc();
     }
 }
@@ -78,30 +82,6 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         self.record(tonic::Code::Cancelled);
-    }
-}
-
-/// The canonical upper-case names (`OK`, `RESOURCE_EXHAUSTED`), as grpc-go and grpcurl print.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

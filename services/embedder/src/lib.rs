@@ -15,7 +15,8 @@ pub use config::EmbedderConfig;
 pub use convert::MAX_TEXTS;
 pub use error::EmbedderError;
 use llama_agent_client::LoaderClient;
-use llama_agent_common::grpc::{Ready, ServeFailure};
+use llama_agent_common::grpc::Ready;
+pub use llama_agent_common::grpc::ServeError;
 use llama_agent_common::options::Plumbing;
 use llama_agent_engine::embed::{EmbeddingEngine, EmbeddingOptions};
 use llama_agent_engine::LoadOptions;
@@ -23,16 +24,6 @@ use llama_agent_models::ModelPool;
 use llama_agent_proto::embedder::v1::embedder_service_server::{
     EmbedderServiceServer, SERVICE_NAME,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
-    #[error(transparent)]
-    Serve(#[from] ServeFailure),
-}
 
 const SERVICES: &[&str] = &[SERVICE_NAME];
 
@@ -64,16 +55,11 @@ async fn build(
 ) -> Result<Ready, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let pool = pool(config, loader);
-    let (router, health) = llama_agent_common::grpc::base_router(SERVICES, plumbing).await?;
     let svc = EmbedderServiceServer::new(service::EmbedderGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);
-    Ok(Ready {
-        router: router.add_service(svc),
-        health,
-        service_names: SERVICES,
-        warmup: pool.warmup(config.preload.clone()),
-    })
+    let warmup = pool.warmup(config.preload.clone());
+    Ok(llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?)
 }
 
 /// Serves the embedder on `listener` until `shutdown` resolves (then drains). `main` and the

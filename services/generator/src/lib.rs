@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 pub use config::GeneratorConfig;
 use llama_agent_client::LoaderClient;
-use llama_agent_common::grpc::{Ready, ServeFailure};
+use llama_agent_common::grpc::Ready;
+pub use llama_agent_common::grpc::ServeError;
 use llama_agent_common::options::Plumbing;
 use llama_agent_engine::generate::{GenerateOptions, GenerationEngine};
 use llama_agent_engine::LoadOptions;
@@ -18,16 +19,6 @@ use llama_agent_models::ModelPool;
 use llama_agent_proto::generator::v1::generator_service_server::{
     GeneratorServiceServer, SERVICE_NAME,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Setup(#[from] llama_agent_common::grpc::GrpcSetupError),
-    #[error(transparent)]
-    Serve(#[from] ServeFailure),
-}
 
 const SERVICES: &[&str] = &[SERVICE_NAME];
 
@@ -59,16 +50,11 @@ async fn build(
 ) -> Result<Ready, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let pool = pool(config, loader);
-    let (router, health) = llama_agent_common::grpc::base_router(SERVICES, plumbing).await?;
     let svc = GeneratorServiceServer::new(service::GeneratorGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);
-    Ok(Ready {
-        router: router.add_service(svc),
-        health,
-        service_names: SERVICES,
-        warmup: pool.warmup(config.preload.clone()),
-    })
+    let warmup = pool.warmup(config.preload.clone());
+    Ok(llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?)
 }
 
 /// Serves the generator on `listener` until `shutdown` resolves (then drains). `main` and the
