@@ -23,6 +23,9 @@ use llama_agent_tests::support::{
     MINILM_FILE,
 };
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 const MINILM_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
 const TOKEN: &str = "s3cret-token";
@@ -549,6 +552,22 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
     let mirror = mirror().await;
     let mut d = Deployment::start(&mirror, &[], &[]);
     let client = GeneratorClient::connect_with(&url(&d.generator), &authed()).unwrap();
+    // A health watcher connected before the signal sees the drain (health needs no token).
+    let channel = tonic::transport::Endpoint::from_shared(url(&d.generator))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = Some(
+        HealthClient::new(channel)
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let status = |m: Option<HealthCheckResponse>| m.expect("a health update").status();
+    let first = watch.as_mut().unwrap().message().await.unwrap();
+    assert_eq!(status(first), ServingStatus::Serving);
     let mut stream = std::pin::pin!(client
         .generate_stream(generate_request(48), None)
         .await
@@ -563,6 +582,12 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
                 if !signalled {
                     d.generator.terminate();
                     signalled = true;
+                    // Closing the watch after NOT_SERVING lets the drain end early: a watch
+                    // never ends by itself.
+                    if let Some(mut w) = watch.take() {
+                        let drained = w.message().await.unwrap();
+                        assert_eq!(status(drained), ServingStatus::NotServing);
+                    }
                 }
             }
             Some(gpb::generate_response::Event::Done(x)) => done = Some(x),
