@@ -697,16 +697,24 @@ async fn tls_and_client_certificates() {
         .with_retry(RetryPolicy::none());
     assert!(plain.cache_status().await.is_err());
 
-    // The health probe binary speaks TLS too (client certificates aside, it is refused here).
-    let health = Command::new(workspace_bin("llama-health"))
-        .args(["--endpoint", &https, "--tls-ca", &pki.path("ca.pem")])
-        .output()
-        .unwrap();
-    assert_eq!(
-        health.status.code(),
-        Some(2),
-        "refused without a client certificate"
-    );
+    // The probe binary speaks TLS too: refused without a client certificate, SERVING with one.
+    let probe = |extra: &[String]| {
+        Command::new(workspace_bin("llama-health"))
+            .args(["--endpoint", &https, "--tls-ca", &pki.path("ca.pem")])
+            .args(extra)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(probe(&[]), Some(2), "refused without a client certificate");
+    let cert = [
+        "--tls-client-cert".to_string(),
+        pki.path("client.pem"),
+        "--tls-client-key".to_string(),
+        pki.path("client.key"),
+    ];
+    assert_eq!(probe(&cert), Some(0));
     drop(loader);
 }
 

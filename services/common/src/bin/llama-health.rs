@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -31,9 +31,21 @@ struct Args {
     #[arg(long, env = "LLAMA_AGENT_TLS_CA")]
     tls_ca: Option<PathBuf>,
 
+    /// PEM client certificate, for servers that require mutual TLS (with --tls-client-key).
+    #[arg(long, env = "LLAMA_AGENT_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+
+    /// PEM key of --tls-client-cert.
+    #[arg(long, env = "LLAMA_AGENT_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+
     /// Seconds before giving up.
     #[arg(long, default_value_t = 3)]
     timeout: u64,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
 }
 
 async fn check(args: &Args) -> Result<ServingStatus, String> {
@@ -45,8 +57,10 @@ async fn check(args: &Args) -> Result<ServingStatus, String> {
     if args.endpoint.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &args.tls_ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("reading {}: {e}", ca.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.tls_client_cert, &args.tls_client_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
         }
         endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
     }
