@@ -741,3 +741,34 @@ fn llama_health_reports_serving_and_unreachable() {
     drop(loader);
     assert_eq!(health(&format!("http://{addr}"), ""), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_preload_stops_the_service_with_an_error() {
+    let mirror = mirror().await;
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().display().to_string();
+    let loader = ServiceProcess::spawn(
+        "llama-loader",
+        &[
+            "--cache-dir",
+            &cache_dir,
+            "--hf-endpoint",
+            mirror.base_url(),
+        ],
+    )
+    .unwrap();
+    let loader_url = format!("http://{}", loader.addr);
+    // It answers health (NOT_SERVING) while it preloads; the model does not exist.
+    let mut embedder = ServiceProcess::spawn(
+        "llama-embedder",
+        &[
+            "--loader-endpoint",
+            &loader_url,
+            "--preload",
+            "test/no-such-model",
+        ],
+    )
+    .unwrap();
+    let status = wait_exit(&mut embedder.child, Duration::from_secs(20));
+    assert!(!status.success(), "exit status {status}");
+}
