@@ -8,6 +8,7 @@ mod error;
 pub mod generate;
 mod metrics;
 mod model;
+mod queue;
 pub mod text;
 
 pub use backend::init_backend;

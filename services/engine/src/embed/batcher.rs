@@ -9,10 +9,11 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::request::{EmbedRequest, Embedded, Pooling};
 use super::vectors::{cap_tokens, l2_normalize, pool};
+use crate::queue::Jobs;
 use crate::EngineError;
 
 pub(super) struct Job {
@@ -87,10 +88,10 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    pub fn serve(&mut self, mut rx: mpsc::Receiver<Job>) {
+    pub fn serve(&mut self, mut rx: Jobs<Job>) {
         loop {
             if self.active.is_empty() {
-                match rx.blocking_recv() {
+                match rx.wait() {
                     Some(job) => self.admit(job),
                     None => return,
                 }
@@ -98,9 +99,9 @@ impl<'m> Batcher<'m> {
             // Take more requests while less than a full batch waits, so concurrent requests
             // share batches; the rest stay in the bounded channel.
             while self.waiting_tokens() < self.limits.max_batch_tokens {
-                match rx.try_recv() {
-                    Ok(job) => self.admit(job),
-                    Err(_) => break,
+                match rx.next() {
+                    Some(job) => self.admit(job),
+                    None => break,
                 }
             }
             // A dropped client or a passed deadline stops the work left for it.
@@ -118,9 +119,6 @@ impl<'m> Batcher<'m> {
     /// Tokenizes a request; a text that is empty of tokens or too long (and not to be cut)
     /// rejects the whole request, naming the row, before any work is done for it.
     fn admit(&mut self, job: Job) {
-        crate::metrics::QUEUE_DEPTH
-            .with_label_values(&["embed"])
-            .dec();
         let Job { req, reply } = job;
         let _entered = req.span.enter();
         match self.prepare(&req) {

@@ -2,16 +2,17 @@
 //! reach it through a bounded channel and get their vectors back on a oneshot.
 
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::batcher::{Batcher, Job, Limits};
 use super::request::{EmbedRequest, Embedded, Pooling};
 use crate::model::{self, LoadOptions, ModelMeta};
+use crate::queue::{Jobs, Queue, ReadyTx};
 use crate::{init_backend, EngineError};
 
 /// llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
@@ -37,12 +38,11 @@ pub type Reply = oneshot::Receiver<Result<Embedded, EngineError>>;
 
 /// A loaded embedding model with its context, on its own thread.
 pub struct EmbeddingEngine {
-    jobs: mpsc::Sender<Job>,
+    jobs: Queue<Job>,
     meta: ModelMeta,
     dim: usize,
     pooling: Pooling,
     max_tokens_per_text: u32,
-    queue: usize,
 }
 
 /// What the engine thread reports once the model and context are ready.
@@ -66,30 +66,18 @@ impl EmbeddingEngine {
                 "sequences per batch must be 1 to {MAX_SEQS}"
             )));
         }
-        // The queue is the channel: a full channel is a full queue.
-        let (jobs, rx) = mpsc::channel::<Job>(opts.queue);
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let path: PathBuf = path.to_path_buf();
-        let queue = opts.queue;
-        std::thread::Builder::new()
-            .name(format!(
-                "llama-emb-{}",
-                name.chars().take(20).collect::<String>()
-            ))
-            .spawn(move || run(&path, opts, rx, ready_tx))
-            .map_err(|e| EngineError::Backend(e.to_string()))?;
-        let ready = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        let (jobs, ready) = Queue::spawn(
+            ("emb", "embed"),
+            path,
+            opts.queue,
+            move |path, jobs, ready| run(path, opts, jobs, ready),
+        )?;
         Ok(Self {
             jobs,
             meta: ready.meta,
             dim: ready.dim,
             pooling: ready.pooling,
             max_tokens_per_text: ready.max_tokens_per_text,
-            queue,
         })
     }
 
@@ -116,13 +104,7 @@ impl EmbeddingEngine {
     /// RESOURCE_EXHAUSTED.
     pub fn submit(&self, req: EmbedRequest) -> Result<Reply, EngineError> {
         let (job, rx) = Job::new(req);
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue),
-            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
-        })?;
-        crate::metrics::QUEUE_DEPTH
-            .with_label_values(&["embed"])
-            .inc();
+        self.jobs.try_submit(job)?;
         Ok(rx)
     }
 
@@ -130,20 +112,12 @@ impl EmbeddingEngine {
     /// (an admitted stream with a fixed number of batches in flight).
     pub async fn submit_waiting(&self, req: EmbedRequest) -> Result<Reply, EngineError> {
         let (job, rx) = Job::new(req);
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| EngineError::Stopped)?;
-        crate::metrics::QUEUE_DEPTH
-            .with_label_values(&["embed"])
-            .inc();
+        self.jobs.submit_waiting(job).await?;
         Ok(rx)
     }
 }
 
-type ReadyTx = std::sync::mpsc::SyncSender<Result<Ready, EngineError>>;
-
-fn run(path: &Path, opts: EmbeddingOptions, rx: mpsc::Receiver<Job>, ready: ReadyTx) {
+fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>) {
     let model = match model::load(path, &opts.load) {
         Ok(m) => m,
         Err(e) => {

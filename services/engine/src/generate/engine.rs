@@ -1,7 +1,7 @@
 //! The generation engine thread and its continuous-batching loop.
 
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::request::{FinishReason, GenEvent, GenRequest, Prompt, Sampling};
 use super::slot::{Phase, Slot};
 use crate::model::{self, LoadOptions, ModelMeta};
+use crate::queue::{Jobs, Queue, ReadyTx};
 use crate::{init_backend, EngineError};
 
 /// Events buffered per request before the engine coalesces text for a slow reader.
@@ -41,10 +42,9 @@ struct Job {
 
 /// A loaded model with its context, on its own thread.
 pub struct GenerationEngine {
-    jobs: mpsc::Sender<Job>,
+    jobs: Queue<Job>,
     meta: ModelMeta,
     ctx_per_seq: u32,
-    queue: usize,
 }
 
 impl GenerationEngine {
@@ -55,28 +55,16 @@ impl GenerationEngine {
                 "parallel, batch size and queue must be at least 1".into(),
             ));
         }
-        // The queue is the channel: a full channel is a full queue.
-        let (jobs, rx) = mpsc::channel::<Job>(opts.queue);
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let path: PathBuf = path.to_path_buf();
-        let queue = opts.queue;
-        std::thread::Builder::new()
-            .name(format!(
-                "llama-gen-{}",
-                name.chars().take(20).collect::<String>()
-            ))
-            .spawn(move || run(&path, opts, rx, ready_tx))
-            .map_err(|e| EngineError::Backend(e.to_string()))?;
-        let (meta, ctx_per_seq) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        let (jobs, (meta, ctx_per_seq)) = Queue::spawn(
+            ("gen", "generate"),
+            path,
+            opts.queue,
+            move |path, jobs, ready| run(path, opts, jobs, ready),
+        )?;
         Ok(Self {
             jobs,
             meta,
             ctx_per_seq,
-            queue,
         })
     }
 
@@ -97,20 +85,12 @@ impl GenerationEngine {
             events,
             submitted: Instant::now(),
         };
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue),
-            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
-        })?;
-        crate::metrics::QUEUE_DEPTH
-            .with_label_values(&["generate"])
-            .inc();
+        self.jobs.try_submit(job)?;
         Ok(rx)
     }
 }
 
-type Ready = std::sync::mpsc::SyncSender<Result<(ModelMeta, u32), EngineError>>;
-
-fn run(path: &Path, opts: GenerateOptions, rx: mpsc::Receiver<Job>, ready: Ready) {
+fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelMeta, u32)>) {
     let model = match model::load(path, &opts.load) {
         Ok(m) => m,
         Err(e) => {
@@ -175,19 +155,19 @@ struct Engine<'m> {
 }
 
 impl Engine<'_> {
-    fn serve(&mut self, mut rx: mpsc::Receiver<Job>) {
+    fn serve(&mut self, mut rx: Jobs<Job>) {
         loop {
             // Admit waiting requests into free sequences; sleep when there is nothing to do.
             while let Some(free) = self.slots.iter().position(Option::is_none) {
                 let job = if self.slots.iter().all(Option::is_none) {
-                    match rx.blocking_recv() {
+                    match rx.wait() {
                         Some(j) => j,
                         None => return,
                     }
                 } else {
-                    match rx.try_recv() {
-                        Ok(j) => j,
-                        Err(_) => break,
+                    match rx.next() {
+                        Some(j) => j,
+                        None => break,
                     }
                 };
                 self.admit(free, job);
@@ -208,9 +188,6 @@ impl Engine<'_> {
     }
 
     fn admit(&mut self, seq: usize, job: Job) {
-        crate::metrics::QUEUE_DEPTH
-            .with_label_values(&["generate"])
-            .dec();
         let span = job.req.span.clone();
         let _entered = span.enter();
         let started = Instant::now();

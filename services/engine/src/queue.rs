@@ -1,0 +1,110 @@
+//! What every engine shares: a named thread that owns the model (llama.cpp contexts are not
+//! `Send`), started and awaited until it reports ready, and the bounded queue in front of it,
+//! whose capacity is the waiting line (`try_submit` on a full queue is RESOURCE_EXHAUSTED) and
+//! whose depth is a metric.
+
+use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc;
+
+use crate::EngineError;
+
+/// How an engine thread reports that its model and context are ready (or why not).
+pub(crate) type ReadyTx<R> = std::sync::mpsc::SyncSender<Result<R, EngineError>>;
+
+/// The submitting side, held by the engine handle.
+pub(crate) struct Queue<J> {
+    jobs: mpsc::Sender<J>,
+    capacity: usize,
+    kind: &'static str,
+}
+
+/// The engine thread's side.
+pub(crate) struct Jobs<J> {
+    rx: mpsc::Receiver<J>,
+    kind: &'static str,
+}
+
+impl<J: Send + 'static> Queue<J> {
+    /// Starts `run` on a thread named `llama-<short>-<file>` (short: Linux keeps 15 bytes of a
+    /// thread name) behind a queue of `capacity`, and waits for it to report ready. `kind`
+    /// labels the queue-depth metric.
+    pub fn spawn<R: Send + 'static>(
+        (short, kind): (&'static str, &'static str),
+        path: &Path,
+        capacity: usize,
+        run: impl FnOnce(&Path, Jobs<J>, ReadyTx<R>) + Send + 'static,
+    ) -> Result<(Self, R), EngineError> {
+        let (jobs, rx) = mpsc::channel::<J>(capacity);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path: PathBuf = path.to_path_buf();
+        std::thread::Builder::new()
+            .name(format!(
+                "llama-{short}-{}",
+                name.chars().take(20).collect::<String>()
+            ))
+            .spawn(move || run(&path, Jobs { rx, kind }, ready_tx))
+            .map_err(|e| EngineError::Backend(e.to_string()))?;
+        let ready = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        let queue = Self {
+            jobs,
+            capacity,
+            kind,
+        };
+        Ok((queue, ready))
+    }
+
+    /// Queues a job without waiting: a full queue is `QueueFull`.
+    pub fn try_submit(&self, job: J) -> Result<(), EngineError> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.capacity),
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        })?;
+        self.queued();
+        Ok(())
+    }
+
+    /// Queues a job, waiting for room (for callers whose own backlog is already bounded).
+    pub async fn submit_waiting(&self, job: J) -> Result<(), EngineError> {
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        self.queued();
+        Ok(())
+    }
+
+    fn queued(&self) {
+        crate::metrics::QUEUE_DEPTH
+            .with_label_values(&[self.kind])
+            .inc();
+    }
+}
+
+impl<J> Jobs<J> {
+    /// The next job, sleeping until one comes; `None` once every handle is gone.
+    pub fn wait(&mut self) -> Option<J> {
+        let job = self.rx.blocking_recv();
+        self.taken(job.is_some());
+        job
+    }
+
+    /// The next job if one is waiting.
+    pub fn next(&mut self) -> Option<J> {
+        let job = self.rx.try_recv().ok();
+        self.taken(job.is_some());
+        job
+    }
+
+    fn taken(&self, some: bool) {
+        if some {
+            crate::metrics::QUEUE_DEPTH
+                .with_label_values(&[self.kind])
+                .dec();
+        }
+    }
+}
