@@ -8,7 +8,7 @@ use llama_agent_engine::generate::{
     ChatMessage, FinishReason, GenDone, GenEvent, GenRequest, GenerationEngine, Prompt, Sampling,
 };
 use llama_agent_engine::EngineError;
-use llama_agent_models::{ModelPool, PoolError};
+use llama_agent_models::ModelPool;
 use llama_agent_proto::generator::v1 as pb;
 use llama_agent_proto::generator::v1::generator_service_server::GeneratorService;
 use tonic::{Request, Response, Status};
@@ -18,26 +18,8 @@ use tonic::{Request, Response, Status};
 const MAX_STOPS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 
-#[derive(Debug, thiserror::Error)]
-pub enum GeneratorError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-}
-
-impl From<GeneratorError> for Status {
-    fn from(e: GeneratorError) -> Self {
-        let msg = e.to_string();
-        match e {
-            GeneratorError::Invalid(_) => Status::invalid_argument(msg),
-            GeneratorError::Pool(p) => Status::new(p.code(), msg),
-            GeneratorError::Engine(e) => Status::new(llama_agent_models::engine_code(&e), msg),
-        }
-    }
-}
+/// The generator's error type: the one every inference service shares (one mapping to gRPC).
+pub use llama_agent_models::ServiceError as GeneratorError;
 
 pub struct GeneratorGrpc {
     pool: Arc<ModelPool<GenerationEngine>>,

@@ -52,8 +52,30 @@ impl PoolError {
     }
 }
 
+/// What an inference RPC (generate, embed) fails with, and its one mapping to gRPC statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(e: ServiceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServiceError::Invalid(_) => tonic::Status::invalid_argument(msg),
+            ServiceError::Pool(p) => tonic::Status::new(p.code(), msg),
+            ServiceError::Engine(e) => tonic::Status::new(engine_code(&e), msg),
+        }
+    }
+}
+
 /// The gRPC code of an engine error, the same in every service that runs an engine.
-pub fn engine_code(e: &EngineError) -> tonic::Code {
+fn engine_code(e: &EngineError) -> tonic::Code {
     match e {
         EngineError::InvalidRequest(_) => tonic::Code::InvalidArgument,
         EngineError::QueueFull(_) => tonic::Code::ResourceExhausted,
