@@ -81,6 +81,36 @@ impl ConnectOptions {
     }
 }
 
+/// The constructors every client has, built on its own `fn over(Transport) -> Self`, and
+/// `with_retry` (every client has a `retry` policy).
+macro_rules! constructors {
+    () => {
+        /// Over any channel (an in-process one: no token, the trace context still travels).
+        pub fn new(channel: tonic::transport::Channel) -> Self {
+            Self::over($crate::call::plain(channel))
+        }
+
+        /// To `uri` with the token and TLS settings of the environment (see
+        /// [`ConnectOptions::from_env`](crate::ConnectOptions::from_env)).
+        pub fn connect(uri: &str) -> Result<Self, $crate::ClientError> {
+            Self::connect_with(uri, &$crate::ConnectOptions::from_env()?)
+        }
+
+        pub fn connect_with(
+            uri: &str,
+            opts: &$crate::ConnectOptions,
+        ) -> Result<Self, $crate::ClientError> {
+            Ok(Self::over($crate::call::connect(uri, opts)?))
+        }
+
+        pub fn with_retry(mut self, retry: $crate::RetryPolicy) -> Self {
+            self.retry = retry;
+            self
+        }
+    };
+}
+pub(crate) use constructors;
+
 /// A lazily connecting transport to `uri` (`http://host:port`, `https://host:port`, or
 /// `host:port`).
 pub fn connect(uri: &str, opts: &ConnectOptions) -> Result<Transport, ClientError> {

@@ -2,13 +2,11 @@
 
 use std::time::Duration;
 
+use crate::call::Transport;
 use futures::{Stream, StreamExt};
 use llama_agent_proto::embedder::v1 as pb;
 use llama_agent_proto::embedder::v1::embedder_service_client::EmbedderServiceClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
-
-use crate::call::{ConnectOptions, Transport};
 use tonic::IntoRequest;
 
 use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
@@ -28,19 +26,7 @@ pub struct EmbedderClient {
 }
 
 impl EmbedderClient {
-    /// Over any channel (an in-process one: no token, the trace context still travels).
-    pub fn new(channel: Channel) -> Self {
-        Self::over(crate::call::plain(channel))
-    }
-
-    /// To `uri` with the token and TLS settings of the environment (see [`ConnectOptions::from_env`]).
-    pub fn connect(uri: &str) -> Result<Self, ClientError> {
-        Self::connect_with(uri, &ConnectOptions::from_env()?)
-    }
-
-    pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        Ok(Self::over(crate::call::connect(uri, opts)?))
-    }
+    crate::call::constructors!();
 
     fn over(transport: Transport) -> Self {
         Self {
@@ -50,11 +36,6 @@ impl EmbedderClient {
             retry: RetryPolicy::default(),
             deadline: DEFAULT_DEADLINE,
         }
-    }
-
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     /// Deadline of each unary `embed` call (streams have none unless the caller sets one).

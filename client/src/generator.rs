@@ -1,11 +1,9 @@
 //! Client of llama_agent.generator.v1.GeneratorService.
 
+use crate::call::Transport;
 use futures::{Stream, StreamExt};
 use llama_agent_proto::generator::v1 as pb;
 use llama_agent_proto::generator::v1::generator_service_client::GeneratorServiceClient;
-use tonic::transport::Channel;
-
-use crate::call::{ConnectOptions, Transport};
 
 use crate::{ClientError, RetryPolicy};
 
@@ -24,30 +22,13 @@ pub struct Generated {
 }
 
 impl GeneratorClient {
-    /// Over any channel (an in-process one: no token, the trace context still travels).
-    pub fn new(channel: Channel) -> Self {
-        Self::over(crate::call::plain(channel))
-    }
-
-    /// To `uri` with the token and TLS settings of the environment (see [`ConnectOptions::from_env`]).
-    pub fn connect(uri: &str) -> Result<Self, ClientError> {
-        Self::connect_with(uri, &ConnectOptions::from_env()?)
-    }
-
-    pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        Ok(Self::over(crate::call::connect(uri, opts)?))
-    }
+    crate::call::constructors!();
 
     fn over(transport: Transport) -> Self {
         Self {
             inner: GeneratorServiceClient::new(transport),
             retry: RetryPolicy::default(),
         }
-    }
-
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     /// Generate as a stream of chunks ending with the done message. Opening the stream is

@@ -8,7 +8,7 @@ pub mod generator;
 pub mod loader;
 mod retry;
 
-pub use call::{ConnectOptions, Transport};
+pub use call::{CallContext, ConnectOptions, Transport};
 pub use embedder::EmbedderClient;
 pub use error::ClientError;
 pub use generator::GeneratorClient;

@@ -2,13 +2,11 @@
 
 use std::time::Duration;
 
+use crate::call::Transport;
 use futures::{Stream, StreamExt};
 use llama_agent_proto::common::v1::ModelInfo;
 use llama_agent_proto::loader::v1 as pb;
 use llama_agent_proto::loader::v1::loader_service_client::LoaderServiceClient;
-use tonic::transport::Channel;
-
-use crate::call::{ConnectOptions, Transport};
 use tonic::{IntoRequest, Request};
 
 use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
@@ -29,19 +27,7 @@ pub struct Ensured {
 }
 
 impl LoaderClient {
-    /// Over any channel (an in-process one: no token, the trace context still travels).
-    pub fn new(channel: Channel) -> Self {
-        Self::over(crate::call::plain(channel))
-    }
-
-    /// To `uri` with the token and TLS settings of the environment (see [`ConnectOptions::from_env`]).
-    pub fn connect(uri: &str) -> Result<Self, ClientError> {
-        Self::connect_with(uri, &ConnectOptions::from_env()?)
-    }
-
-    pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        Ok(Self::over(crate::call::connect(uri, opts)?))
-    }
+    crate::call::constructors!();
 
     fn over(transport: Transport) -> Self {
         Self {
@@ -50,11 +36,6 @@ impl LoaderClient {
             retry: RetryPolicy::default(),
             deadline: DEFAULT_DEADLINE,
         }
-    }
-
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
