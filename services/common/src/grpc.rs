@@ -164,16 +164,18 @@ pub async fn serve_tcp(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let (draining, mut drain_seen) = tokio::sync::watch::channel(false);
+    // One state that every part watches: the metrics server and the grace timer start on
+    // the drain; the result says whether the warm-up failed.
+    let (phase, phase_rx) = tokio::sync::watch::channel(Phase::Running);
     if let Some(metrics) = plumbing.metrics {
         // Logged before the service's own line, which tests and scripts wait for.
         if let Ok(addr) = metrics.local_addr() {
             tracing::info!(%addr, "metrics listening");
         }
-        let mut stop = draining.subscribe();
+        let mut phase = phase_rx.clone();
         tokio::spawn(async move {
             let stopped = async move {
-                let _ = stop.wait_for(|d| *d).await;
+                let _ = phase.wait_for(|p| *p != Phase::Running).await;
             };
             if let Err(e) = crate::metrics::serve(metrics, stopped).await {
                 tracing::error!(error = %e, "metrics server failed");
@@ -191,24 +193,24 @@ pub async fn serve_tcp(
         service_names,
         warmup,
     } = ready;
-    let (failed, warmup_failed) = tokio::sync::oneshot::channel::<String>();
     let warm_health = health.clone();
+    let warm_phase = phase.clone();
     tokio::spawn(async move {
         match warmup.await {
             Ok(()) => set_serving(&warm_health, service_names).await,
             Err(e) => {
-                let _ = failed.send(e);
+                tracing::error!(error = %e, "warm-up failed; stopping");
+                warm_phase.send_if_modified(|p| p.leave(Phase::WarmupFailed(e)));
             }
         }
     });
-    let (failure_tx, mut failure) = tokio::sync::watch::channel(None::<String>);
+    let mut failed = phase_rx.clone();
     let signal = async move {
         tokio::select! {
-            _ = shutdown => {}
-            Ok(e) = warmup_failed => {
-                tracing::error!(error = %e, "warm-up failed; stopping");
-                let _ = failure_tx.send(Some(e));
+            _ = shutdown => {
+                phase.send_if_modified(|p| p.leave(Phase::Draining));
             }
+            _ = failed.wait_for(|p| matches!(p, Phase::WarmupFailed(_))) => {}
         }
         tracing::info!(
             grace_s = plumbing.grace_period.as_secs(),
@@ -220,12 +222,12 @@ pub async fn serve_tcp(
             tonic_health::ServingStatus::NotServing,
         )
         .await;
-        let _ = draining.send(true);
     };
     let served = router.serve_with_incoming_shutdown(incoming, signal);
     let grace = plumbing.grace_period;
+    let mut drain_seen = phase_rx.clone();
     let grace_over = async move {
-        let _ = drain_seen.wait_for(|d| *d).await;
+        let _ = drain_seen.wait_for(|p| *p != Phase::Running).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
@@ -237,10 +239,31 @@ pub async fn serve_tcp(
             tracing::warn!("grace period over: cutting the calls still running");
         }
     }
-    let failed = failure.borrow_and_update().clone();
-    match failed {
-        Some(e) => Err(ServeFailure::Warmup(e)),
-        None => Ok(()),
+    let end = phase_rx.borrow().clone();
+    match end {
+        Phase::WarmupFailed(e) => Err(ServeFailure::Warmup(e)),
+        Phase::Running | Phase::Draining => Ok(()),
+    }
+}
+
+/// A served router's life.
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    /// Taking calls (health may still say NOT_SERVING while the warm-up runs).
+    Running,
+    Draining,
+    WarmupFailed(String),
+}
+
+impl Phase {
+    /// Moves to `next` only from Running: whichever of shutdown and a failed warm-up comes
+    /// first decides how the server ends. True when it moved.
+    fn leave(&mut self, next: Phase) -> bool {
+        let running = *self == Phase::Running;
+        if running {
+            *self = next;
+        }
+        running
     }
 }
 

@@ -46,21 +46,6 @@ pub struct ServerOptions {
     pub max_message_size: usize,
 }
 
-impl Default for ServerOptions {
-    fn default() -> Self {
-        Self {
-            metrics_listen: None,
-            grace_period: 30,
-            token: None,
-            token_file: None,
-            tls_cert: None,
-            tls_key: None,
-            tls_client_ca: None,
-            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
     #[error("reading {what} {path}: {source}")]
@@ -79,7 +64,7 @@ pub enum OptionsError {
 }
 
 /// Server settings ready to use: files read and checked, the metrics socket bound.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Plumbing {
     /// The whole `authorization` value expected (`Bearer <token>`).
     pub token: Option<String>,
@@ -93,9 +78,11 @@ impl Plumbing {
     /// No auth, no TLS, no metrics socket: in-process servers and tests.
     pub fn plain() -> Self {
         Self {
+            token: None,
+            tls: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             grace_period: Duration::from_secs(30),
-            ..Self::default()
+            metrics: None,
         }
     }
 }

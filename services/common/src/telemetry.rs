@@ -82,7 +82,7 @@ pub fn init(format: LogFormat, service: &str) -> Telemetry {
     let provider = builder.build();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("llama-agent"));
 
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
@@ -95,7 +95,7 @@ pub fn init(format: LogFormat, service: &str) -> Telemetry {
          opentelemetry_sdk=off,opentelemetry_otlp=off,llama-cpp-2=off",
     );
     let installed = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter()))
+        .with(fmt.with_filter(filter))
         .with(otel.with_filter(otel_filter))
         .try_init()
         .is_ok();
