@@ -31,7 +31,7 @@ const PLUMBING: &[&str] = &[
 /// plumbing only (so `grpcurl list` on the loader does not advertise the generator), plus the
 /// health reporter.
 /// Every service starts NOT_SERVING; the caller flips it once it is ready.
-pub async fn base_router(
+async fn base_router(
     service_names: &[&str],
     plumbing: &Plumbing,
 ) -> Result<(ServiceRouter, HealthReporter), GrpcSetupError> {

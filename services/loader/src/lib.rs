@@ -51,16 +51,12 @@ async fn build(
     plumbing: &Plumbing,
 ) -> Result<(Ready, Arc<Loader>), ServeError> {
     let loader = Loader::new(config)?;
-    let (router, health) = llama_agent_common::grpc::base_router(SERVICES, plumbing).await?;
     let svc = LoaderServiceServer::new(service::LoaderGrpc::new(Arc::clone(&loader)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);
-    let ready = Ready {
-        router: router.add_service(svc),
-        health,
-        service_names: SERVICES,
-        warmup: Box::pin(std::future::ready(Ok(()))),
-    };
+    // Nothing to warm up: the cache is open.
+    let warmup = Box::pin(std::future::ready(Ok(())));
+    let ready = llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?;
     Ok((ready, loader))
 }
 
