@@ -79,43 +79,72 @@ pub fn fake_gguf(len: usize, seed: u8) -> Vec<u8> {
     v
 }
 
+/// A service's `run` on 127.0.0.1:0 inside the test process, shut down by `stop` or by
+/// dropping it (the shutdown future resolves once its sender is gone).
+pub struct InProcessServer {
+    pub addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessServer {
+    /// `run(listener, shutdown)` is a service's `run` with its other arguments bound; an error
+    /// from it fails the test.
+    pub async fn start<Fut, E>(
+        name: &'static str,
+        run: impl FnOnce(tokio::net::TcpListener, futures::future::BoxFuture<'static, ()>) -> Fut,
+    ) -> anyhow::Result<Self>
+    where
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = run(
+            listener,
+            Box::pin(async {
+                let _ = stopped.await;
+            }),
+        );
+        let task = tokio::spawn(async move {
+            if let Err(e) = served.await {
+                panic!("{name} failed: {e}");
+            }
+        });
+        Ok(Self { addr, stop, task })
+    }
+
+    /// Shuts it down and waits until it has stopped.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
 /// A loader served by `llama_loader::run` on 127.0.0.1:0 inside the test process.
 pub struct InProcessLoader {
     pub addr: SocketAddr,
     pub client: LoaderClient,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: InProcessServer,
 }
 
 impl InProcessLoader {
     pub async fn start(config: LoaderConfig) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) = llama_loader::run(config, Plumbing::plain(), listener, shutdown).await {
-                panic!("loader failed: {e}");
-            }
-        });
-        let client = LoaderClient::connect(&format!("http://{addr}"))?;
+        let server = InProcessServer::start("loader", |listener, shutdown| {
+            llama_loader::run(config, Plumbing::plain(), listener, shutdown)
+        })
+        .await?;
+        let client = LoaderClient::connect(&format!("http://{}", server.addr))?;
         Ok(Self {
-            addr,
+            addr: server.addr,
             client,
-            stop: Some(stop),
-            task: Some(task),
+            server,
         })
     }
 
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }
 
@@ -209,12 +238,13 @@ fn logged_addr(line: &str, suffix: &str) -> Option<SocketAddr> {
 /// Mirror + loader + generator, all on ephemeral ports in this process: what a generator
 /// test needs to reach a real model through the real download path.
 pub struct GeneratorStack {
+    // Dropped first: the generator stops before its loader and mirror.
+    _server: InProcessServer,
     pub mirror: crate::mirror::Mirror,
     pub loader: Option<InProcessLoader>,
     pub generator: llama_agent_client::GeneratorClient,
     pub generator_addr: SocketAddr,
     _cache: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
 }
 
 pub const GEMMA_REPO: &str = "test/gemma-3-270m-GGUF";
@@ -230,21 +260,12 @@ impl GeneratorStack {
             mirror.base_url(),
         ))
         .await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let generator_addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
         let loader_client = loader.client.clone();
-        tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) =
-                llama_generator::run(config, Plumbing::plain(), loader_client, listener, shutdown)
-                    .await
-            {
-                panic!("generator failed: {e}");
-            }
-        });
+        let server = InProcessServer::start("generator", |listener, shutdown| {
+            llama_generator::run(config, Plumbing::plain(), loader_client, listener, shutdown)
+        })
+        .await?;
+        let generator_addr = server.addr;
         let generator =
             llama_agent_client::GeneratorClient::connect(&format!("http://{generator_addr}"))?;
         Ok(Self {
@@ -253,7 +274,7 @@ impl GeneratorStack {
             generator,
             generator_addr,
             _cache: cache,
-            stop: Some(stop),
+            _server: server,
         })
     }
 
@@ -261,14 +282,6 @@ impl GeneratorStack {
     pub async fn stop_loader(&mut self) {
         if let Some(l) = self.loader.take() {
             l.stop().await;
-        }
-    }
-}
-
-impl Drop for GeneratorStack {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
         }
     }
 }

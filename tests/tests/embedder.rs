@@ -14,11 +14,11 @@ use llama_agent_client::{ClientError, EmbedderClient, RetryPolicy};
 use llama_agent_common::options::Plumbing;
 use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
-    model, model_md5, repo_root, workspace_bin, InProcessLoader, MINILM_F32_FILE, MINILM_FILE,
+    model, model_md5, repo_root, workspace_bin, InProcessLoader, InProcessServer, MINILM_F32_FILE,
+    MINILM_FILE,
 };
 use llama_embedder::EmbedderConfig;
 use llama_loader::LoaderConfig;
-use tokio::sync::oneshot;
 use tonic::Code;
 
 const MINILM_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
@@ -26,12 +26,13 @@ const DIM: usize = 384;
 
 /// Mirror → loader → embedder, all in this process on 127.0.0.1:0.
 struct Stack {
+    // Dropped first: the embedder stops before its loader and mirror.
+    _server: InProcessServer,
     _mirror: Mirror,
     _loader: InProcessLoader,
     _cache: tempfile::TempDir,
     client: EmbedderClient,
     addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
 }
 
 impl Stack {
@@ -50,21 +51,13 @@ impl Stack {
         ))
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
         let loader_client = loader.client.clone();
-        tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) =
-                llama_embedder::run(config, Plumbing::plain(), loader_client, listener, shutdown)
-                    .await
-            {
-                panic!("embedder failed: {e}");
-            }
-        });
+        let server = InProcessServer::start("embedder", |listener, shutdown| {
+            llama_embedder::run(config, Plumbing::plain(), loader_client, listener, shutdown)
+        })
+        .await
+        .unwrap();
+        let addr = server.addr;
         let client = EmbedderClient::connect(&format!("http://{addr}")).unwrap();
         Stack {
             _mirror: mirror,
@@ -72,15 +65,7 @@ impl Stack {
             _cache: cache,
             client,
             addr,
-            stop: Some(stop),
-        }
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+            _server: server,
         }
     }
 }

@@ -12,6 +12,18 @@ use crate::EngineError;
 /// How an engine thread reports that its model and context are ready (or why not).
 pub(crate) type ReadyTx<R> = std::sync::mpsc::SyncSender<Result<R, EngineError>>;
 
+/// `r`'s value; its error goes to the waiting `spawn` as the engine's start-up failure (and
+/// the thread should return).
+pub(crate) fn or_report<T, R>(r: Result<T, EngineError>, ready: &ReadyTx<R>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            None
+        }
+    }
+}
+
 /// The submitting side, held by the engine handle.
 pub(crate) struct Queue<J> {
     jobs: mpsc::Sender<J>,

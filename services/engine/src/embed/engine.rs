@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::batcher::{Batcher, Job, Limits};
 use super::request::{EmbedRequest, Embedded, Pooling};
 use crate::model::{self, LoadOptions, ModelMeta};
-use crate::queue::{Jobs, Queue, ReadyTx};
+use crate::queue::{or_report, Jobs, Queue, ReadyTx};
 use crate::{init_backend, EngineError};
 
 /// llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
@@ -118,20 +118,12 @@ impl EmbeddingEngine {
 }
 
 fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>) {
-    let model = match model::load(path, &opts.load) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let Some(model) = or_report(model::load(path, &opts.load), &ready) else {
+        return;
     };
     let meta = model::meta(&model);
-    let ctx = match new_context(&model, &opts) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let Some(ctx) = or_report(new_context(&model, &opts), &ready) else {
+        return;
     };
     let limits = Limits {
         max_batch_tokens: opts.max_batch_tokens as usize,

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::request::{FinishReason, GenEvent, GenRequest, Prompt, Sampling};
 use super::slot::{Phase, Slot};
 use crate::model::{self, LoadOptions, ModelMeta};
-use crate::queue::{Jobs, Queue, ReadyTx};
+use crate::queue::{or_report, Jobs, Queue, ReadyTx};
 use crate::{init_backend, EngineError};
 
 /// Events buffered per request before the engine coalesces text for a slow reader.
@@ -91,24 +91,16 @@ impl GenerationEngine {
 }
 
 fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelMeta, u32)>) {
-    let model = match model::load(path, &opts.load) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let Some(model) = or_report(model::load(path, &opts.load), &ready) else {
+        return;
     };
     let meta = model::meta(&model);
     let ctx_per_seq = match opts.ctx_per_seq {
         0 => meta.n_ctx_train.min(4096),
         n => n.min(meta.n_ctx_train),
     };
-    let ctx = match new_context(&model, &opts, ctx_per_seq) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let Some(ctx) = or_report(new_context(&model, &opts, ctx_per_seq), &ready) else {
+        return;
     };
     if ready.send(Ok((meta, ctx_per_seq))).is_err() {
         return;
