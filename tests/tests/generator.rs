@@ -322,31 +322,34 @@ async fn full_queue_is_resource_exhausted() {
         .unwrap(),
     );
     running.next().await.unwrap().unwrap();
-    let waiting = tokio::spawn({
-        let g = g.clone();
-        async move {
-            g.generate(
-                request("Count from one to a thousand:", 2, greedy()),
-                |_| {},
-            )
+    // Four requests at once while the only slot is busy: whatever order they arrive in, one
+    // takes the only queue place and three are refused. (Probing one by one raced: a probe
+    // could take the queue place itself and then wait out the whole running stream.)
+    let mut calls: futures::stream::FuturesUnordered<_> = (0..4)
+        .map(|_| {
+            let g = g.clone();
+            tokio::spawn(async move {
+                g.generate(
+                    request("Count from one to a thousand:", 2, greedy()),
+                    |_| {},
+                )
+                .await
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        let e = calls
+            .next()
             .await
-        }
-    });
-    // The waiting request is in the queue once the next one bounces.
-    let mut rejected = None;
-    for _ in 0..100 {
-        match g.generate(request("Hi", 1, greedy()), |_| {}).await {
-            Err(e) if e.code() == Code::ResourceExhausted => {
-                rejected = Some(e);
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
+            .unwrap()
+            .unwrap()
+            .expect_err("a request past the queue is refused");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(e.to_string().contains("queue"), "{e}");
     }
-    let e = rejected.expect("a request past the queue is refused");
-    assert!(e.to_string().contains("queue"), "{e}");
     drop(running);
-    waiting.await.unwrap().unwrap();
+    let waited = calls.next().await.unwrap().unwrap();
+    assert_eq!(waited.unwrap().done.usage.unwrap().completion_tokens, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
