@@ -54,6 +54,18 @@ pub fn model_md5(file: &str) -> String {
 }
 
 /// A binary of the workspace, built in the same profile as the running test.
+/// A workspace binary as a command. Its OpenMP threads wait passively (unless the caller's
+/// environment says otherwise): the suite runs several llama.cpp processes at once on two
+/// cores, and spinning OpenMP teams of different processes starve each other (a 48-token
+/// stream took over 20 s that way, against 4 s alone).
+pub fn workspace_command(name: &str) -> Command {
+    let mut c = Command::new(workspace_bin(name));
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        c.env("OMP_WAIT_POLICY", "passive");
+    }
+    c
+}
+
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
@@ -157,13 +169,17 @@ pub struct LoaderProcess {
 
 impl LoaderProcess {
     pub fn spawn(cache_dir: &Path, hf_endpoint: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(workspace_bin("llama-loader"))
+        let mut child = workspace_command("llama-loader")
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--cache-dir")
             .arg(cache_dir)
             .args(["--hf-endpoint", hf_endpoint])
             .args(extra)
-            .env("RUST_LOG", "info")
+            // LLAMA_TEST_RUST_LOG (with LLAMA_TEST_ECHO_LOGS) looks inside a failing test.
+            .env(
+                "RUST_LOG",
+                std::env::var("LLAMA_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -302,10 +318,14 @@ impl ServiceProcess {
 
     /// With extra environment variables (tokens, OTLP endpoints).
     pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut child = Command::new(workspace_bin(bin))
+        let mut child = workspace_command(bin)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
-            .env("RUST_LOG", "info")
+            // LLAMA_TEST_RUST_LOG (with LLAMA_TEST_ECHO_LOGS) looks inside a failing test.
+            .env(
+                "RUST_LOG",
+                std::env::var("LLAMA_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -344,7 +364,7 @@ pub struct MirrorProcess {
 
 impl MirrorProcess {
     pub fn spawn(repo: &str, file: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(workspace_bin("hub-mirror"))
+        let mut child = workspace_command("hub-mirror")
             .arg("--repo")
             .arg(format!("{repo}={}", file.display()))
             .stdout(Stdio::piped())

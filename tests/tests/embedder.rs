@@ -14,8 +14,8 @@ use llama_agent_client::{ClientError, EmbedderClient, RetryPolicy};
 use llama_agent_common::options::Plumbing;
 use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
-    model, model_md5, repo_root, workspace_bin, InProcessLoader, InProcessServer, MINILM_F32_FILE,
-    MINILM_FILE,
+    model, model_md5, repo_root, workspace_command, InProcessLoader, InProcessServer,
+    MINILM_F32_FILE, MINILM_FILE,
 };
 use llama_embedder::EmbedderConfig;
 use llama_loader::LoaderConfig;
@@ -584,7 +584,7 @@ async fn a_full_queue_answers_resource_exhausted() {
 // --- llama-cli embed --------------------------------------------------------------------
 
 fn cli(cache: &Path) -> Command {
-    let mut c = Command::new(workspace_bin("llama-cli"));
+    let mut c = workspace_command("llama-cli");
     c.arg("--cache-dir").arg(cache).env("RUST_LOG", "warn");
     c
 }

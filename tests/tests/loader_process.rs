@@ -8,7 +8,7 @@ use futures::StreamExt;
 use llama_agent_client::proto::loader::v1::{self as pb, ensure_model_response::Event};
 use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
-    grpcurl, model, model_md5, run_ok, workspace_bin, LoaderProcess, GEMMA_FILE,
+    grpcurl, model, model_md5, run_ok, workspace_command, LoaderProcess, GEMMA_FILE,
 };
 
 const REPO: &str = "test/gemma-3-270m-GGUF";
@@ -170,7 +170,7 @@ async fn grpcurl_lists_and_calls_the_loader_by_reflection() {
 }
 
 fn cli() -> Command {
-    let mut c = Command::new(workspace_bin("llama-cli"));
+    let mut c = workspace_command("llama-cli");
     c.env_remove("LLAMA_LOADER_ENDPOINT")
         .env_remove("LLAMA_CACHE_DIR")
         .env_remove("HF_ENDPOINT")

@@ -19,7 +19,7 @@ use llama_agent_client::{
 };
 use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
-    grpcurl, model, repo_root, run_ok, workspace_bin, ServiceProcess, GEMMA_FILE, GEMMA_REPO,
+    grpcurl, model, repo_root, run_ok, workspace_command, ServiceProcess, GEMMA_FILE, GEMMA_REPO,
     MINILM_FILE,
 };
 use tonic::Code;
@@ -40,8 +40,8 @@ async fn mirror() -> Mirror {
     .unwrap()
 }
 
-/// Loader, embedder and generator processes sharing one cache directory, all with the token
-/// and a metrics port; `env` goes to all three.
+/// Loader, embedder and generator processes sharing one cache directory, all with the token,
+/// a metrics port and a 20 s grace period; `env_over` goes to all three.
 struct Deployment {
     _cache: tempfile::TempDir,
     loader: ServiceProcess,
@@ -50,11 +50,16 @@ struct Deployment {
 }
 
 impl Deployment {
-    fn start(mirror: &Mirror, env: &[(&str, &str)], generator_args: &[&str]) -> Self {
+    fn start(mirror: &Mirror, env_over: &[(&str, &str)], generator_args: &[&str]) -> Self {
         let cache = tempfile::tempdir().unwrap();
-        let mut env = env.to_vec();
-        env.push(("LLAMA_AGENT_TOKEN", TOKEN));
-        let common = ["--metrics-listen", "127.0.0.1:0", "--grace-period", "20"];
+        // The caller's variables come later and win (a drain test's longer grace period).
+        let mut env = [
+            ("LLAMA_AGENT_TOKEN", TOKEN),
+            ("LLAMA_AGENT_GRACE_PERIOD", "20"),
+        ]
+        .to_vec();
+        env.extend_from_slice(env_over);
+        let common = ["--metrics-listen", "127.0.0.1:0"];
         let cache_dir = cache.path().display().to_string();
         let loader_args = [
             &common[..],
@@ -143,7 +148,7 @@ async fn token_guards_every_rpc_but_health_and_grpcurl_calls_each_service() {
     for (p, service) in services {
         let addr = p.addr.to_string();
         // Health is open (probes cannot send headers): a real health client without a token.
-        let probe = Command::new(workspace_bin("llama-health"))
+        let probe = workspace_command("llama-health")
             .args([
                 "--endpoint",
                 &format!("http://{addr}"),
@@ -434,7 +439,7 @@ async fn one_llama_cli_embed_is_one_trace_across_embedder_and_loader() {
     std::fs::write(&input, "first text\nsecond text\nthird text\n").unwrap();
     let output = dir.path().join("out.parquet");
     run_ok(
-        Command::new(workspace_bin("llama-cli"))
+        workspace_command("llama-cli")
             .args(["embed", "--model", MINILM_REPO, "--input"])
             .arg(&input)
             .arg("--output")
@@ -547,10 +552,16 @@ async fn overload_is_resource_exhausted_and_memory_stays_bounded() {
     client.generate(generate_request(4), |_| {}).await.unwrap();
 }
 
+/// Drain tests: a grace period far longer than any stream here takes, however loaded the
+/// machine, so a stream cut by the grace timer is a failure and not bad luck; the process must
+/// then exit soon after its last stream ends (not when the grace period runs out).
+const DRAIN_GRACE: (&str, &str) = ("LLAMA_AGENT_GRACE_PERIOD", "300");
+const EXIT_AFTER_DRAIN: Duration = Duration::from_secs(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
     let mirror = mirror().await;
-    let mut d = Deployment::start(&mirror, &[], &[]);
+    let mut d = Deployment::start(&mirror, &[DRAIN_GRACE], &[]);
     let client = GeneratorClient::connect_with(&url(&d.generator), &authed()).unwrap();
     // A health watcher connected before the signal sees the drain (health needs no token).
     let channel = tonic::transport::Endpoint::from_shared(url(&d.generator))
@@ -566,8 +577,14 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
             .into_inner(),
     );
     let status = |m: Option<HealthCheckResponse>| m.expect("a health update").status();
-    let first = watch.as_mut().unwrap().message().await.unwrap();
-    assert_eq!(status(first), ServingStatus::Serving);
+    // "serving" is logged as the listener opens; health turns SERVING once the (empty)
+    // warm-up has run, so the first update may still be NOT_SERVING.
+    loop {
+        let update = watch.as_mut().unwrap().message().await.unwrap();
+        if status(update) == ServingStatus::Serving {
+            break;
+        }
+    }
     let mut stream = std::pin::pin!(client
         .generate_stream(generate_request(48), None)
         .await
@@ -598,7 +615,7 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
     assert_eq!(done.finish_reason(), gpb::FinishReason::Length);
     assert_eq!(tokens, 48);
     assert_eq!(done.usage.map(|u| u.completion_tokens), Some(48));
-    let status = wait_exit(&mut d.generator.child, Duration::from_secs(20));
+    let status = wait_exit(&mut d.generator.child, EXIT_AFTER_DRAIN);
     assert!(status.success(), "exit status {status}");
     // A new call after the drain finds nobody.
     let late = GeneratorClient::connect_with(&url(&d.generator), &authed())
@@ -608,6 +625,62 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
         code(late.generate(generate_request(4), |_| {}).await),
         Code::Unavailable
     );
+}
+
+/// Several streams of different lengths, on two connections, all live when SIGTERM comes:
+/// each ends with every token, its done message and its trailers (a connection closed under
+/// a finished stream's last frames would fail it with a reset), then the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_every_live_stream_of_any_length_finish() {
+    let mirror = mirror().await;
+    let mut d = Deployment::start(&mirror, &[DRAIN_GRACE], &["--parallel", "6"]);
+    let clients =
+        [0, 1].map(|_| GeneratorClient::connect_with(&url(&d.generator), &authed()).unwrap());
+    let lengths = [4u32, 12, 24, 40, 64, 96];
+    // Every stream is admitted and producing before the signal.
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(lengths.len());
+    let (signal_tx, signal_rx) = tokio::sync::watch::channel(false);
+    let streams = lengths.iter().enumerate().map(|(i, &n)| {
+        let client = clients[i % 2].clone();
+        let started = started_tx.clone();
+        let mut signalled = signal_rx.clone();
+        tokio::spawn(async move {
+            let mut stream =
+                std::pin::pin!(client.generate_stream(generate_request(n), None).await?);
+            let mut tokens = 0;
+            let mut done = None;
+            while let Some(msg) = stream.next().await {
+                match msg?.event {
+                    Some(gpb::generate_response::Event::Chunk(c)) => {
+                        if tokens == 0 {
+                            let _ = started.send(()).await;
+                            // The rest of the stream is read during the drain.
+                            let _ = signalled.wait_for(|s| *s).await;
+                        }
+                        tokens += c.token_ids.len();
+                    }
+                    Some(gpb::generate_response::Event::Done(x)) => done = Some(x),
+                    None => {}
+                }
+            }
+            Ok::<_, ClientError>((n, tokens, done))
+        })
+    });
+    let streams: Vec<_> = streams.collect();
+    for _ in &lengths {
+        started_rx.recv().await.expect("every stream starts");
+    }
+    d.generator.terminate();
+    signal_tx.send(true).unwrap();
+    for s in streams {
+        let (n, tokens, done) = s.await.unwrap().expect("the stream ends cleanly");
+        let done = done.expect("the stream ended with its done message");
+        assert_eq!(done.finish_reason(), gpb::FinishReason::Length);
+        assert_eq!(tokens, n as usize);
+        assert_eq!(done.usage.map(|u| u.completion_tokens), Some(n));
+    }
+    let status = wait_exit(&mut d.generator.child, EXIT_AFTER_DRAIN);
+    assert!(status.success(), "exit status {status}");
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -699,7 +772,7 @@ async fn tls_and_client_certificates() {
 
     // The probe binary speaks TLS too: refused without a client certificate, SERVING with one.
     let probe = |extra: &[String]| {
-        Command::new(workspace_bin("llama-health"))
+        workspace_command("llama-health")
             .args(["--endpoint", &https, "--tls-ca", &pki.path("ca.pem")])
             .args(extra)
             .output()
@@ -727,7 +800,7 @@ fn llama_health_reports_serving_and_unreachable() {
     )
     .unwrap();
     let health = |endpoint: &str, service: &str| {
-        Command::new(workspace_bin("llama-health"))
+        workspace_command("llama-health")
             .args(["--endpoint", endpoint, "--service", service])
             .output()
             .unwrap()

@@ -152,7 +152,8 @@ pub enum ServeFailure {
 /// Serves on a bound listener (and `/metrics` on the plumbing's) until `shutdown` resolves,
 /// announcing `<name> serving` with the address (scripts and tests read it to find ephemeral
 /// ports). On shutdown: health turns NOT_SERVING, new connections and streams are refused
-/// (HTTP/2 GOAWAY), and in-flight calls get the grace period to finish before the rest are cut.
+/// (HTTP/2 GOAWAY), and in-flight calls get the grace period to finish before the rest are cut;
+/// each connection closes once its streams are done, lingering until the client has read all.
 pub async fn serve_tcp(
     name: &str,
     ready: Ready,
@@ -184,9 +185,13 @@ pub async fn serve_tcp(
     }
     tracing::info!(%addr, tls = plumbing.tls.is_some(), auth = plumbing.token.is_some(), "{name} serving");
     // Without TCP_NODELAY a response's last frame waits out the peer's delayed ACK (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(60)));
+    // Closing connections linger, so a drained stream's last frames are not reset away.
+    let incoming = futures::StreamExt::map(
+        tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(60))),
+        |conn| conn.map(crate::linger::Lingering::new),
+    );
     let Ready {
         router,
         health,

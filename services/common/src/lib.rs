@@ -2,6 +2,7 @@
 
 pub mod gate;
 pub mod grpc;
+pub mod linger;
 pub mod metrics;
 pub mod options;
 pub mod signal;

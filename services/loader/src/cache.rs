@@ -6,9 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::{LoaderError, Result};
-use crate::now_ms;
 use crate::store::{Entry, Manifest, ManifestStore};
 
 /// Longest lease a holder may take in one go; holders renew.
@@ -20,7 +20,20 @@ pub struct LeaseRec {
     pub id: String,
     pub key: String,
     pub holder: String,
-    pub expires_ms: i64,
+    /// Monotonic, so a wall clock stepping back or forth neither keeps nor drops a lease.
+    pub expires: Instant,
+}
+
+impl LeaseRec {
+    /// The expiry as wall time, for display.
+    pub fn expires_unix_ms(&self) -> i64 {
+        let left = self.expires.saturating_duration_since(Instant::now());
+        crate::now_ms() + left.as_millis() as i64
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.expires > now
+    }
 }
 
 pub struct Cache {
@@ -129,26 +142,26 @@ impl Cache {
         st.manifest.entries.get(key).cloned()
     }
 
-    pub fn touch(&self, key: &str) {
+    /// Records a use of `key` (it becomes the most recently used) and returns the entry.
+    pub fn touch(&self, key: &str) -> Option<Entry> {
         let mut st = self.lock();
-        if let Some(e) = st.manifest.entries.get_mut(key) {
-            e.last_used_ms = now_ms();
-            st.dirty = true;
-        }
+        let entry = st.manifest.mark_used(key).cloned();
+        st.dirty |= entry.is_some();
+        entry
     }
 
-    /// Records a published entry and the aliases that lead to it, durably.
+    /// Records a published entry (as just used) and the aliases that lead to it, durably.
     pub fn publish(&self, mut entry: Entry, aliases: &[String]) -> Result<Entry> {
         let mut st = self.lock();
-        let now = now_ms();
-        entry.last_used_ms = now;
         if let Some(old) = st.manifest.entries.get(&entry.key) {
             entry.created_ms = old.created_ms;
         }
         for a in aliases {
             st.manifest.aliases.insert(a.clone(), entry.key.clone());
         }
-        st.manifest.entries.insert(entry.key.clone(), entry.clone());
+        let key = entry.key.clone();
+        st.manifest.entries.insert(key.clone(), entry);
+        let entry = st.manifest.mark_used(&key).cloned().expect("just inserted");
         self.store.save(&st.manifest)?;
         st.dirty = false;
         Ok(entry)
@@ -234,12 +247,12 @@ impl Cache {
         let used = entries + stale + st.reserved;
         let need = bytes;
         if used + need > self.max_bytes {
-            let mut lru: Vec<(i64, String, u64)> = st
+            let mut lru: Vec<(u64, String, u64)> = st
                 .manifest
                 .entries
                 .values()
                 .filter(|e| holders_of(&st, &e.key).is_empty())
-                .map(|e| (e.last_used_ms, e.key.clone(), e.size()))
+                .map(|e| (e.last_use, e.key.clone(), e.size()))
                 .collect();
             lru.sort();
             let evictable: u64 = stale + lru.iter().map(|(_, _, n)| n).sum::<u64>();
@@ -292,7 +305,7 @@ impl Cache {
             } else {
                 holder.to_string()
             },
-            expires_ms: now_ms() + i64::from(ttl) * 1000,
+            expires: lease_expiry(ttl),
         };
         st.leases.insert(lease.id.clone(), lease.clone());
         Ok(lease)
@@ -306,7 +319,7 @@ impl Cache {
             .leases
             .get_mut(id)
             .ok_or_else(|| LoaderError::LeaseNotFound(id.to_string()))?;
-        lease.expires_ms = now_ms() + i64::from(ttl) * 1000;
+        lease.expires = lease_expiry(ttl);
         Ok(lease.clone())
     }
 
@@ -336,7 +349,7 @@ impl Cache {
                 (e.clone(), leases)
             })
             .collect();
-        out.sort_by_key(|(e, _)| std::cmp::Reverse(e.last_used_ms));
+        out.sort_by_key(|(e, _)| std::cmp::Reverse(e.last_use));
         out
     }
 
@@ -378,17 +391,21 @@ pub fn lease_ttl(ttl_secs: u32) -> Result<u32> {
     }
 }
 
+fn lease_expiry(ttl_secs: u32) -> Instant {
+    Instant::now() + Duration::from_secs(u64::from(ttl_secs))
+}
+
 fn prune_leases(st: &mut State) {
-    let now = now_ms();
-    st.leases.retain(|_, l| l.expires_ms > now);
+    let now = Instant::now();
+    st.leases.retain(|_, l| l.live(now));
 }
 
 fn holders_of(st: &State, key: &str) -> String {
-    let now = now_ms();
+    let now = Instant::now();
     let holders: Vec<&str> = st
         .leases
         .values()
-        .filter(|l| l.key == key && l.expires_ms > now)
+        .filter(|l| l.key == key && l.live(now))
         .map(|l| l.holder.as_str())
         .collect();
     holders.join(", ")
@@ -451,5 +468,133 @@ fn remove_empty_dirs(mut dir: &Path, stop: &Path) {
             Some(p) => dir = p,
             None => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FileRecord, Source};
+
+    const SIZE: u64 = 1000;
+
+    /// An entry of one `SIZE`-byte file, written to disk so eviction has a file to remove.
+    fn entry(root: &Path, name: &str) -> Entry {
+        let dir = format!("models/local/{name}");
+        std::fs::create_dir_all(root.join(&dir)).unwrap();
+        std::fs::write(root.join(&dir).join("m.gguf"), vec![0u8; SIZE as usize]).unwrap();
+        Entry {
+            key: name.to_string(),
+            source: Source::Local {
+                path: PathBuf::from("/nowhere"),
+                size: SIZE,
+                mtime_ns: 0,
+            },
+            dir,
+            files: vec![FileRecord {
+                name: "m.gguf".into(),
+                size: SIZE,
+                md5: String::new(),
+                sha256: None,
+                mtime_ns: 0,
+            }],
+            created_ms: 0,
+            last_used_ms: 0,
+            last_use: 0,
+        }
+    }
+
+    fn keys_by_recency(cache: &Cache) -> Vec<String> {
+        cache.list().into_iter().map(|(e, _)| e.key).collect()
+    }
+
+    /// The keys `reserve` evicts, one entry's worth at a time, until `n` are gone.
+    fn evict(cache: &Arc<Cache>, n: usize) -> Vec<String> {
+        let mut gone = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..n {
+            let before: HashSet<String> = keys_by_recency(cache).into_iter().collect();
+            // The cache stays full (reservations held): room for one more means one eviction.
+            held.push(cache.reserve(SIZE, Vec::new()).unwrap());
+            let after: HashSet<String> = keys_by_recency(cache).into_iter().collect();
+            let evicted: Vec<&String> = before.difference(&after).collect();
+            assert_eq!(evicted.len(), 1, "one eviction per reservation");
+            gone.push(evicted[0].clone());
+        }
+        gone
+    }
+
+    /// Many uses inside one millisecond keep their exact order (a wall clock would tie them),
+    /// and the order survives a restart.
+    #[test]
+    fn lru_order_is_exact_within_one_millisecond_and_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 40;
+        let cache = Cache::open(dir.path(), SIZE * n as u64).unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("m{i:02}")).collect();
+        for name in &names {
+            cache.publish(entry(dir.path(), name), &[]).unwrap();
+        }
+        // Touch them in an order unrelated to publication, all within microseconds.
+        let order: Vec<String> = (0..n).map(|i| names[(i * 17) % n].clone()).collect();
+        for k in &order {
+            assert!(cache.touch(k).is_some());
+        }
+        let newest_first: Vec<String> = order.iter().rev().cloned().collect();
+        assert_eq!(keys_by_recency(&cache), newest_first);
+        cache.flush().unwrap();
+        drop(cache);
+
+        let cache = Cache::open(dir.path(), SIZE * n as u64).unwrap();
+        assert_eq!(keys_by_recency(&cache), newest_first);
+        // A use after the restart is newer than every use before it.
+        let revived = order[0].clone();
+        cache.touch(&revived).unwrap();
+        assert_eq!(keys_by_recency(&cache)[0], revived);
+        // Eviction takes the least recently used, in exact order.
+        assert_eq!(evict(&cache, 5), order[1..6].to_vec());
+    }
+
+    /// A manifest written before use numbers existed is ordered by its wall times once.
+    #[test]
+    fn manifests_without_use_numbers_keep_their_wall_clock_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = Manifest {
+            version: crate::store::MANIFEST_VERSION,
+            ..Default::default()
+        };
+        for (name, ms) in [("old", 100), ("new", 300), ("mid", 200)] {
+            let mut e = entry(dir.path(), name);
+            e.last_used_ms = ms;
+            manifest.entries.insert(name.into(), e);
+        }
+        let mut json: serde_json::Value = serde_json::to_value(&manifest).unwrap();
+        json.as_object_mut().unwrap().remove("last_use");
+        for e in json["entries"].as_object_mut().unwrap().values_mut() {
+            e.as_object_mut().unwrap().remove("last_use");
+        }
+        std::fs::write(dir.path().join("manifest.json"), json.to_string()).unwrap();
+        let cache = Cache::open(dir.path(), SIZE * 3).unwrap();
+        assert_eq!(keys_by_recency(&cache), ["new", "mid", "old"]);
+        cache.touch("old").unwrap();
+        assert_eq!(keys_by_recency(&cache), ["old", "new", "mid"]);
+    }
+
+    #[test]
+    fn leases_expire_by_the_monotonic_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), SIZE * 2).unwrap();
+        cache.publish(entry(dir.path(), "a"), &[]).unwrap();
+        let lease = cache.lease("a", 60, "gen-0").unwrap();
+        let shown = lease.expires_unix_ms() - crate::now_ms();
+        assert!((59_000..=60_000).contains(&shown), "{shown}");
+        assert_eq!(cache.stats().leased_entries, 1);
+        // An expired lease (as if its time had passed) no longer pins the entry.
+        cache.lock().leases.get_mut(&lease.id).unwrap().expires = Instant::now();
+        assert_eq!(cache.stats().leased_entries, 0);
+        assert!(matches!(
+            cache.renew(&lease.id, 60),
+            Err(LoaderError::LeaseNotFound(_))
+        ));
     }
 }

@@ -63,7 +63,8 @@ pub struct Ensured {
 #[derive(Clone, Debug)]
 pub enum EnsureEvent {
     Progress(ProgressEvent),
-    Done(Ensured),
+    /// Boxed: far larger than a progress event, which streams often.
+    Done(Box<Ensured>),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -153,7 +154,7 @@ impl Loader {
             if let Some(entry) = self.quick_hit(&mref) {
                 let done = self.finish(entry, true, &opts);
                 return Ok(Box::pin(futures::stream::once(async move {
-                    done.map(EnsureEvent::Done)
+                    done.map(|d| EnsureEvent::Done(Box::new(d)))
                 })));
             }
         }
@@ -168,7 +169,7 @@ impl Loader {
                 match state {
                     Flight::Progress(p) => yield Ok(EnsureEvent::Progress(p)),
                     Flight::Done(Ok(entry)) => {
-                        yield this.finish(entry, false, &opts).map(EnsureEvent::Done);
+                        yield this.finish(entry, false, &opts).map(|d| EnsureEvent::Done(Box::new(d)));
                         break;
                     }
                     Flight::Done(Err(e)) => {
@@ -194,7 +195,7 @@ impl Loader {
         let mut s = self.ensure(reference, opts).map_err(Arc::new)?;
         while let Some(ev) = s.next().await {
             if let EnsureEvent::Done(d) = ev? {
-                return Ok(d);
+                return Ok(*d);
             }
         }
         Err(Arc::new(LoaderError::ShuttingDown))
@@ -369,6 +370,7 @@ impl Loader {
             files: records,
             created_ms: now_ms(),
             last_used_ms: now_ms(),
+            last_use: 0,
         };
         tracing::info!(key, bytes = total, "model cached");
         self.cache.publish(entry, &[alias, key.clone()])
@@ -476,6 +478,7 @@ impl Loader {
             }],
             created_ms: now_ms(),
             last_used_ms: now_ms(),
+            last_use: 0,
         };
         self.cache.publish(entry, &[key])
     }
@@ -614,10 +617,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn entry_touched(cache: &Cache, mut entry: Entry) -> Entry {
-    cache.touch(&entry.key);
-    entry.last_used_ms = now_ms();
-    entry
+/// The entry as recorded after this use (the one given if it went meanwhile).
+fn entry_touched(cache: &Cache, entry: Entry) -> Entry {
+    cache.touch(&entry.key).unwrap_or(entry)
 }
 
 /// The alias a reference is cached under: its canonical text.

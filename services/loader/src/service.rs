@@ -97,7 +97,7 @@ fn lease_pb(l: &LeaseRec) -> pb::Lease {
     pb::Lease {
         lease_id: l.id.clone(),
         reference: l.key.clone(),
-        expires_unix_ms: l.expires_ms,
+        expires_unix_ms: l.expires_unix_ms(),
         holder: l.holder.clone(),
     }
 }

@@ -20,6 +20,10 @@ pub struct Manifest {
     /// Canonical request reference → entry key (`owner/repo@main` → the file it picked), so a
     /// cache hit needs no hub round trip.
     pub aliases: BTreeMap<String, String>,
+    /// The last use number handed out: LRU order is by use number, which (unlike a wall clock)
+    /// never ties and never steps back. 0 in manifests written before it existed.
+    #[serde(default)]
+    pub last_use: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,7 +35,11 @@ pub struct Entry {
     /// The primary file first (the first shard of a split model).
     pub files: Vec<FileRecord>,
     pub created_ms: i64,
+    /// Wall time of the last use, for display only; order is `last_use`.
     pub last_used_ms: i64,
+    /// Use number of the last use (see [`Manifest::last_use`]).
+    #[serde(default)]
+    pub last_use: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,6 +66,37 @@ pub struct FileRecord {
     pub sha256: Option<String>,
     /// mtime when the MD5 was last known good: a change triggers a re-hash.
     pub mtime_ns: i64,
+}
+
+impl Manifest {
+    /// The next use number, recorded on `key`'s entry with the wall time.
+    pub fn mark_used(&mut self, key: &str) -> Option<&Entry> {
+        let entry = self.entries.get_mut(key)?;
+        self.last_use += 1;
+        entry.last_use = self.last_use;
+        entry.last_used_ms = crate::now_ms();
+        Some(entry)
+    }
+
+    /// Gives use numbers to entries of a manifest written before they existed (in their
+    /// wall-clock order), and makes the counter at least every number in use.
+    fn number_uses(&mut self) {
+        let mut unnumbered: Vec<(i64, String)> = self
+            .entries
+            .values()
+            .filter(|e| e.last_use == 0)
+            .map(|e| (e.last_used_ms, e.key.clone()))
+            .collect();
+        unnumbered.sort();
+        let newest = self.entries.values().map(|e| e.last_use).max().unwrap_or(0);
+        self.last_use = self.last_use.max(newest);
+        for (_, key) in unnumbered {
+            self.last_use += 1;
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.last_use = self.last_use;
+            }
+        }
+    }
 }
 
 impl Entry {
@@ -95,7 +134,10 @@ impl ManifestStore {
             Err(e) => return Err(LoaderError::io(&self.path, e)),
         };
         match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(m) if m.version == MANIFEST_VERSION => Ok(m),
+            Ok(mut m) if m.version == MANIFEST_VERSION => {
+                m.number_uses();
+                Ok(m)
+            }
             Ok(m) => Err(LoaderError::Manifest(format!(
                 "{} has version {}, this loader reads {MANIFEST_VERSION}",
                 self.path.display(),

@@ -98,7 +98,8 @@ struct Loaded<E> {
     engine: Arc<E>,
     info: ModelInfo,
     lease_id: String,
-    last_used: Instant,
+    /// Use number of the last use: exact LRU order (two uses never tie, unlike clock reads).
+    last_use: u64,
 }
 
 struct State<E> {
@@ -106,6 +107,18 @@ struct State<E> {
     aliases: HashMap<String, String>,
     /// By cache entry reference.
     loaded: HashMap<String, Loaded<E>>,
+    /// The last use number handed out.
+    uses: u64,
+}
+
+impl<E> State<E> {
+    /// Marks `key` as used now; its engine and info when it is loaded.
+    fn use_loaded(&mut self, key: &str) -> Option<(Arc<E>, ModelInfo)> {
+        self.uses += 1;
+        let l = self.loaded.get_mut(key)?;
+        l.last_use = self.uses;
+        Some((Arc::clone(&l.engine), l.info.clone()))
+    }
 }
 
 pub struct ModelPool<E> {
@@ -133,6 +146,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
             state: Mutex::new(State {
                 aliases: HashMap::new(),
                 loaded: HashMap::new(),
+                uses: 0,
             }),
             loading: Mutex::new(HashMap::new()),
         });
@@ -157,9 +171,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
     fn cached(&self, reference: &str) -> Option<(Arc<E>, ModelInfo)> {
         let mut st = self.lock();
         let key = st.aliases.get(reference).cloned()?;
-        let l = st.loaded.get_mut(&key)?;
-        l.last_used = Instant::now();
-        Some((Arc::clone(&l.engine), l.info.clone()))
+        st.use_loaded(&key)
     }
 
     /// The engine for `reference`, loading it (through the loader) when needed.
@@ -195,10 +207,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
         let existing = {
             let mut st = self.lock();
             st.aliases.insert(reference.to_string(), key.clone());
-            st.loaded.get_mut(&key).map(|l| {
-                l.last_used = Instant::now();
-                (Arc::clone(&l.engine), l.info.clone())
-            })
+            st.use_loaded(&key)
         };
         if let Some(hit) = existing {
             self.release(lease_id).await;
@@ -229,16 +238,17 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
                     engine: Arc::clone(&engine),
                     info: info.clone(),
                     lease_id,
-                    last_used: Instant::now(),
+                    last_use: 0,
                 },
             );
+            st.use_loaded(&key);
             let mut evicted = Vec::new();
             while st.loaded.len() > self.max_models {
                 let oldest = st
                     .loaded
                     .iter()
                     .filter(|(k, _)| **k != key)
-                    .min_by_key(|(_, l)| l.last_used)
+                    .min_by_key(|(_, l)| l.last_use)
                     .map(|(k, _)| k.clone());
                 let Some(oldest) = oldest else { break };
                 if let Some(l) = st.loaded.remove(&oldest) {
@@ -281,7 +291,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
     pub fn loaded(&self) -> Vec<ModelInfo> {
         let st = self.lock();
         let mut v: Vec<&Loaded<E>> = st.loaded.values().collect();
-        v.sort_by_key(|l| std::cmp::Reverse(l.last_used));
+        v.sort_by_key(|l| std::cmp::Reverse(l.last_use));
         v.into_iter().map(|l| l.info.clone()).collect()
     }
 
