@@ -10,9 +10,11 @@
 #
 #   docker build --target generator --build-arg CUDA=1 -t llama-agent/generator:0.1.0-cuda .
 #
-# CPU code paths: llama.cpp is compiled for TARGET_CPU (default x86-64-v3 = AVX2/FMA/F16C,
-# any x86 server since 2013-2015). `--build-arg TARGET_CPU=x86-64` runs anywhere (and slowly);
-# `native` tunes for the build machine only.
+# llama.cpp ships as the dist layout (scripts/dist.sh): /opt/llama-agent/bin holds the binary,
+# llama.cpp's shared libraries and one CPU module per x86 generation (x64 ... zen4,
+# sapphirerapids); the best one this machine can run is loaded at start, so one image runs on
+# every x86-64 server. The CUDA image adds libggml-cuda.so, built with nvcc from the same
+# llama.cpp source, beside them (CUDA_ARCHITECTURES picks the GPU generations).
 #
 # Runtime images run as uid/gid 10001, carry the service binary and `llama-health` (gRPC
 # health probe, used by HEALTHCHECK), and take every setting from the environment (README,
@@ -23,7 +25,7 @@ ARG CUDA=0
 ARG RUST_VERSION=1.95
 ARG CUDA_VERSION=12.6.3
 ARG CUDA_UBUNTU=ubuntu22.04
-ARG TARGET_CPU=x86-64-v3
+ARG CUDA_ARCHITECTURES="80;86;89;90"
 
 # ---------------------------------------------------------------------------------------------
 # Toolchains: builder-0 (CPU) and builder-1 (CUDA: nvcc from NVIDIA's devel image, Rust by rustup).
@@ -54,7 +56,7 @@ RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
 # Builds. The workspace sources only (no target/, models/, .venv/: see .dockerignore), so that
 # editing docs or deployment files does not rebuild llama.cpp.
 
-# (No TARGET_CPU here: the loader has no llama.cpp, and its hashes pick SIMD at run time.)
+# The loader has no llama.cpp; its hashes pick SIMD at run time.
 FROM builder-0 AS build-loader
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -73,31 +75,34 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
         objcopy --strip-debug "target/release/$bin" "/out/$bin"; \
     done
 
-# The generator and the embedder share one build (and one llama.cpp compilation).
+# The generator and the embedder share one build (and one llama.cpp compilation): the dist
+# folder, then (CUDA=1) the CUDA module from the llama.cpp source llama-cpp-sys-2 vendors.
 # (DL3006: builder-${CUDA} is a stage of this file, not an image to tag.)
 # hadolint ignore=DL3006
 FROM builder-${CUDA} AS build-inference
 ARG CUDA
-ARG TARGET_CPU
-ENV RUSTFLAGS="-C target-cpu=${TARGET_CPU}"
+ARG CUDA_ARCHITECTURES
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 COPY proto proto
 COPY services services
 COPY client client
 COPY tests tests
+COPY scripts/dist.sh scripts/dist.sh
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
-    --mount=type=cache,id=llama-agent-target-inference-cuda${CUDA},target=/src/target,sharing=locked \
-    set -- \
- && if [ "${CUDA}" = 1 ]; then set -- --features llama-generator/cuda,llama-embedder/cuda; fi \
- && cargo build --release --locked -p llama-generator -p llama-embedder \
-        --bin llama-generator --bin llama-embedder "$@" \
- && cargo build --release --locked --bin llama-health \
- && mkdir -p /out \
- && for bin in llama-generator llama-embedder llama-health; do \
-        objcopy --strip-debug "target/release/$bin" "/out/$bin"; \
-    done
+    --mount=type=cache,id=llama-agent-target-inference,target=/src/target,sharing=locked \
+    scripts/dist.sh /out/llama-agent >/dev/null \
+ && if [ "${CUDA}" = 1 ]; then \
+        src="$(echo /usr/local/cargo/registry/src/*/llama-cpp-sys-2-0.1.161/llama.cpp)" \
+     && cmake -S "$src" -B /tmp/cuda -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+            -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF -DGGML_CUDA=ON \
+            -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES}" -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF \
+     && cmake --build /tmp/cuda -j "$(nproc)" --target ggml-cuda \
+     && cp /tmp/cuda/bin/libggml-cuda.so /out/llama-agent/bin/; \
+    fi
 
 # ---------------------------------------------------------------------------------------------
 # Runtime bases: runtime-0 (Debian slim) and runtime-1 (CUDA runtime libraries: cuBLAS...; the
@@ -152,7 +157,8 @@ FROM runtime-${CUDA} AS generator
 LABEL org.opencontainers.image.title="llama-generator" \
       org.opencontainers.image.description="llama-agent generator: streams tokens from GGUF models" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build-inference /out/llama-generator /out/llama-health /usr/local/bin/
+COPY --from=build-inference /out/llama-agent /opt/llama-agent
+COPY --from=build-inference /out/llama-agent/bin/llama-health /usr/local/bin/
 ENV LLAMA_GENERATOR_LISTEN=0.0.0.0:50052 \
     LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
     OTEL_SERVICE_NAME=llama-generator
@@ -160,14 +166,15 @@ USER 10001:10001
 EXPOSE 50052 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50052"]
-ENTRYPOINT ["/usr/local/bin/llama-generator"]
+ENTRYPOINT ["/opt/llama-agent/bin/llama-generator"]
 
 # hadolint ignore=DL3006
 FROM runtime-${CUDA} AS embedder
 LABEL org.opencontainers.image.title="llama-embedder" \
       org.opencontainers.image.description="llama-agent embedder: embeds texts with GGUF models" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build-inference /out/llama-embedder /out/llama-health /usr/local/bin/
+COPY --from=build-inference /out/llama-agent /opt/llama-agent
+COPY --from=build-inference /out/llama-agent/bin/llama-health /usr/local/bin/
 ENV LLAMA_EMBEDDER_LISTEN=0.0.0.0:50053 \
     LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
     OTEL_SERVICE_NAME=llama-embedder
@@ -175,4 +182,4 @@ USER 10001:10001
 EXPOSE 50053 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50053"]
-ENTRYPOINT ["/usr/local/bin/llama-embedder"]
+ENTRYPOINT ["/opt/llama-agent/bin/llama-embedder"]

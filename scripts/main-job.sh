@@ -7,7 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup.sh
 
-BIN="$ROOT/target/release"
+BIN="$ROOT/dist/llama-agent/bin"      # scripts/dist.sh, run by setup.sh
+MIRROR="$ROOT/target/release/hub-mirror"   # a test tool: the local hub here (no internet)
 MODELS="${LLAMA_AGENT_MODELS_DIR:-$ROOT/models}"
 WORK="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"; }
@@ -22,7 +23,7 @@ wait_for() {
     echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; return 1
 }
 
-"$BIN/hub-mirror" \
+"$MIRROR" \
     --repo "llama-agent-test/gemma-3-270m-GGUF=$MODELS/gemma-3-270m-Q4_K_M.gguf" \
     --repo "llama-agent-test/all-MiniLM-L6-v2-GGUF=$MODELS/all-MiniLM-L6-v2-F16.gguf" \
     >"$WORK/mirror.out" 2>"$WORK/mirror.err" &

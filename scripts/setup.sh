@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian 12 machine with Rust: system packages, the project's
-# Python venv and tools (grpcurl, gguf, pyarrow, buf, kubectl, promtool...), the test models, and a release build of every binary.
+# Python venv and tools (grpcurl, gguf, pyarrow, buf, kubectl, promtool...), the test models, and a release build of every binary laid out in dist/llama-agent.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,5 +23,7 @@ fi
 scripts/deploy-tools.sh >/dev/null
 scripts/fetch-test-models.sh
 
-# Release only: the dev profile would build llama.cpp a second time.
-cargo build --release --locked --workspace --bins
+# Release only: the dev profile would build llama.cpp a second time. dist.sh builds every binary
+# and lays out dist/llama-agent/bin (binaries, llama.cpp's libraries and CPU modules), the
+# relocatable folder the README, the main job, CI and the images run.
+scripts/dist.sh >/dev/null

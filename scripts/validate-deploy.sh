@@ -8,7 +8,7 @@
 #   check-jsonschema             docker-compose*.yml against the compose specification
 #   hadolint                     every Dockerfile
 #   deploy invariants            scripts/deploy-invariants.py (single writer, read-only mounts...)
-#   promtool check metrics       a live scrape of target/release/llama-{loader,generator,embedder}
+#   promtool check metrics       a live scrape of dist/llama-agent/bin/llama-{loader,generator,embedder}
 #                                (skipped only for a binary that is not built)
 #
 # Tools: scripts/deploy-tools.sh (idempotent). Env: K8S_VERSIONS (space-separated, the oldest
@@ -165,17 +165,20 @@ scrape() {
     return 1
 }
 
-# promtool_service NAME [ARGS...]: starts target/release/llama-NAME on ephemeral ports with
+# The relocatable folder users run (scripts/dist.sh).
+DIST_BIN="${LLAMA_AGENT_DIST:-dist/llama-agent}/bin"
+
+# promtool_service NAME [ARGS...]: starts $DIST_BIN/llama-NAME on ephemeral ports with
 # ARGS, scrapes /metrics, lints it. Leaves LOADER_ADDR set when NAME is loader.
 LOADER_ADDR=""
 promtool_service() {
     local name="$1"
     shift
-    local exe="target/release/llama-$name" log="$WORK/$name.log" port pid help
+    local exe="$DIST_BIN/llama-$name" log="$WORK/$name.log" port pid help
     # Not `--help | grep -q`: grep leaving early fails the pipe under pipefail.
     help="$("$exe" --help 2>&1)" || true
     if ! grep -q -- '--metrics-listen' <<<"$help"; then
-        echo "$exe has no --metrics-listen flag: rebuild it (cargo build --release) or add the flag"
+        echo "$exe has no --metrics-listen flag: rebuild it (scripts/dist.sh) or add the flag"
         return 1
     fi
     if [[ "$name" != loader && -z "$LOADER_ADDR" ]]; then
@@ -199,15 +202,15 @@ promtool_service() {
     promtool check metrics <"$WORK/scrape"
 }
 
-if [[ ! -x target/release/llama-loader ]]; then
-    skip "promtool check metrics: target/release/llama-loader not built (cargo build --release)"
+if [[ ! -x "$DIST_BIN/llama-loader" ]]; then
+    skip "promtool check metrics: $DIST_BIN/llama-loader not built (scripts/dist.sh)"
 else
     mkdir -p "$WORK/cache"
     check "promtool check metrics <- llama-loader /metrics" \
         promtool_service loader --cache-dir "$WORK/cache"
     for svc in generator embedder; do
-        if [[ ! -x "target/release/llama-$svc" ]]; then
-            skip "promtool check metrics: target/release/llama-$svc not built"
+        if [[ ! -x "$DIST_BIN/llama-$svc" ]]; then
+            skip "promtool check metrics: $DIST_BIN/llama-$svc not built"
         else
             check "promtool check metrics <- llama-$svc /metrics" \
                 promtool_service "$svc" --loader-endpoint "http://$LOADER_ADDR"

@@ -58,12 +58,21 @@ pub fn model_md5(file: &str) -> String {
 /// environment says otherwise): the suite runs several llama.cpp processes at once on two
 /// cores, and spinning OpenMP teams of different processes starve each other (a 48-token
 /// stream took over 20 s that way, against 4 s alone).
+/// Benchmarks call [`leave_openmp_alone`]: they run alone, beside peers started as they are.
 pub fn workspace_command(name: &str) -> Command {
     let mut c = Command::new(workspace_bin(name));
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+    let as_is = OPENMP_AS_IS.load(std::sync::atomic::Ordering::Relaxed);
+    if !as_is && std::env::var_os("OMP_WAIT_POLICY").is_none() {
         c.env("OMP_WAIT_POLICY", "passive");
     }
     c
+}
+
+static OPENMP_AS_IS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Processes started from now on keep llama.cpp's OpenMP defaults (for benchmarks).
+pub fn leave_openmp_alone() {
+    OPENMP_AS_IS.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn workspace_bin(name: &str) -> PathBuf {

@@ -61,19 +61,26 @@ enum Command {
     Embed(Box<embed::EmbedArgs>),
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     if std::env::var_os("RUST_LOG").is_none() {
         // Progress and results go to the terminal; logs only when asked for.
-        std::env::set_var("RUST_LOG", "warn,llama-cpp-2=error");
+        std::env::set_var("RUST_LOG", "warn");
     }
-    let telemetry = telemetry::init(cli.log_format, "llama-cli");
-    // The root of this run's trace: every RPC below carries it to the services.
-    let span =
-        tracing::info_span!("llama-cli", otel.name = %format!("llama-cli {}", cli.command.name()));
-    let result = run(cli).instrument(span).await;
-    telemetry.shutdown().await;
+    // In-process engines are freed before the process exits (llama_agent_engine::process).
+    let result = llama_agent_engine::process::run(async {
+        let telemetry = telemetry::init(cli.log_format, "llama-cli");
+        // The root of this run's trace: every RPC below carries it to the services.
+        let span = tracing::info_span!(
+            "llama-cli",
+            otel.name = %format!("llama-cli {}", cli.command.name())
+        );
+        let result = run(cli).instrument(span).await;
+        telemetry.shutdown().await;
+        result
+    })
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
     if let Err(e) = result {
         eprintln!("llama-cli: error: {e:#}");
         std::process::exit(1);

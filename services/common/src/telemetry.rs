@@ -83,7 +83,10 @@ pub fn init(format: LogFormat, service: &str) -> Telemetry {
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("llama-agent"));
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal, never into log files and collectors.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -92,7 +95,7 @@ pub fn init(format: LogFormat, service: &str) -> Telemetry {
     // transport's own (which would also trace every export).
     let otel_filter = EnvFilter::new(
         "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,opentelemetry=off,\
-         opentelemetry_sdk=off,opentelemetry_otlp=off,llama-cpp-2=off",
+         opentelemetry_sdk=off,opentelemetry_otlp=off,llama.cpp=off",
     );
     let installed = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))

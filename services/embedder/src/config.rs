@@ -4,13 +4,13 @@ use llama_agent_engine::embed::MAX_SEQS;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct EmbedderConfig {
-    /// llama.cpp threads (default: every core).
+    /// llama.cpp threads (default: OMP_NUM_THREADS, else every core).
     #[arg(long, env = "LLAMA_EMBEDDER_THREADS")]
     pub threads: Option<usize>,
 
-    /// Model layers offloaded to the GPU (needs a CUDA/Metal build).
-    #[arg(long, env = "LLAMA_N_GPU_LAYERS", default_value_t = 0)]
-    pub n_gpu_layers: u32,
+    /// GPU offload, split and KV cache settings.
+    #[command(flatten)]
+    pub device: llama_agent_models::device::DeviceConfig,
 
     /// Models kept loaded; the least recently used is unloaded (and its lease released) first.
     #[arg(long, env = "LLAMA_EMBEDDER_MAX_MODELS", default_value_t = 1)]
@@ -46,7 +46,7 @@ impl Default for EmbedderConfig {
     fn default() -> Self {
         Self {
             threads: None,
-            n_gpu_layers: 0,
+            device: Default::default(),
             max_models: 1,
             max_batch_tokens: 512,
             flash_attention: true,
@@ -59,9 +59,8 @@ impl Default for EmbedderConfig {
 
 impl EmbedderConfig {
     pub fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get)
-        })
+        self.threads
+            .unwrap_or_else(llama_agent_models::device::default_threads)
     }
 
     pub fn validate(&self) -> Result<(), String> {

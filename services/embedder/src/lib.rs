@@ -19,7 +19,6 @@ use llama_agent_common::grpc::Ready;
 pub use llama_agent_common::grpc::ServeError;
 use llama_agent_common::options::Plumbing;
 use llama_agent_engine::embed::{EmbeddingEngine, EmbeddingOptions};
-use llama_agent_engine::LoadOptions;
 use llama_agent_models::ModelPool;
 use llama_agent_proto::embedder::v1::embedder_service_server::{
     EmbedderServiceServer, SERVICE_NAME,
@@ -29,10 +28,7 @@ const SERVICES: &[&str] = &[SERVICE_NAME];
 
 fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<EmbeddingEngine>> {
     let opts = EmbeddingOptions {
-        load: LoadOptions {
-            n_gpu_layers: config.n_gpu_layers,
-            threads: config.threads() as i32,
-        },
+        load: config.device.load_options(config.threads()),
         max_batch_tokens: config.max_batch_tokens,
         max_seqs_per_batch: config.max_seqs_per_batch,
         queue: config.queue_depth,

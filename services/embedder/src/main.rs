@@ -29,13 +29,15 @@ struct Args {
     embedder: EmbedderConfig,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = telemetry::init(args.log_format, "llama-embedder");
-    let served = serve(args).await;
-    telemetry.shutdown().await;
-    served
+    // Engines are freed before the process exits (llama_agent_engine::process).
+    llama_agent_engine::process::run(async {
+        let telemetry = telemetry::init(args.log_format, "llama-embedder");
+        let served = serve(args).await;
+        telemetry.shutdown().await;
+        served
+    })?
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

@@ -12,4 +12,7 @@ pub enum EngineError {
     Stopped,
     #[error("llama.cpp: {0}")]
     Llama(String),
+    /// The model does not fit the device's free memory (sizes in the message).
+    #[error("{0}")]
+    DoesNotFit(String),
 }

@@ -8,9 +8,11 @@ mod error;
 pub mod generate;
 mod metrics;
 mod model;
+pub mod process;
 mod queue;
 pub mod text;
 
 pub use backend::init_backend;
 pub use error::EngineError;
-pub use model::{LoadOptions, ModelMeta};
+pub use llama_cpp_2::context::params::KvCacheType;
+pub use model::{LoadOptions, ModelMeta, SplitMode};

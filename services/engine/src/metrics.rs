@@ -85,3 +85,24 @@ pub static EMBED_TOKENS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// Memory of each llama.cpp device (`CUDA0`, `CPU`), total and free, refreshed at start and
+/// after every model load.
+pub static DEVICE_MEMORY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llama_agent_device_memory_bytes",
+        "Memory of each llama.cpp device, by device, description and kind (total, free).",
+        &["device", "description", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+/// 1, labelled with the CPU module this process loaded (`zen4`, `haswell`, ...).
+pub static CPU_VARIANT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llama_agent_cpu_variant_info",
+        "The llama.cpp CPU module in use (1, by variant).",
+        &["variant"]
+    )
+    .expect("metric registers once")
+});

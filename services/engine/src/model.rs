@@ -1,18 +1,53 @@
-//! Loading a GGUF model with llama.cpp.
+//! Loading a GGUF model with llama.cpp, on the devices the backend found.
 
 use std::path::Path;
+use std::time::Instant;
 
-use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::context::params::KvCacheType;
+use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::LlamaModel;
 
+use crate::backend::{self, Backend};
 use crate::{init_backend, EngineError};
 
+/// How a model is spread over the devices, and its KV cache.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Layers to offload to the GPU (0 on CPU-only builds).
-    pub n_gpu_layers: u32,
+    /// Layers offloaded to the GPU; `None`: every layer when a GPU module loaded, else none.
+    pub n_gpu_layers: Option<u32>,
+    /// The GPU that holds the whole model with split mode `none` (and small tensors otherwise).
+    pub main_gpu: u32,
+    pub split_mode: SplitMode,
+    /// KV cache element types (llama.cpp's default: F16).
+    pub cache_type_k: KvCacheType,
+    pub cache_type_v: KvCacheType,
     /// llama.cpp threads for decoding and prompt processing.
     pub threads: i32,
+}
+
+/// How a model spreads over several GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitMode {
+    /// One GPU (`main_gpu`).
+    None,
+    /// Whole layers per GPU, in proportion to their memory.
+    #[default]
+    Layer,
+    /// Rows of each tensor across GPUs.
+    Row,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            n_gpu_layers: None,
+            main_gpu: 0,
+            split_mode: SplitMode::Layer,
+            cache_type_k: KvCacheType::F16,
+            cache_type_v: KvCacheType::F16,
+            threads: 4,
+        }
+    }
 }
 
 /// What a loaded model is, for answers and validation.
@@ -25,14 +60,89 @@ pub struct ModelMeta {
     pub architecture: String,
 }
 
+/// llama.cpp's "every layer" (more than any model has; the output layer counts too).
+const ALL_LAYERS: u32 = 9999;
+
 pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<LlamaModel, EngineError> {
     let backend = init_backend()?;
+    let started = Instant::now();
+    let gpu_layers = opts
+        .n_gpu_layers
+        .unwrap_or(if backend.has_gpu() { ALL_LAYERS } else { 0 });
+    if gpu_layers > 0 {
+        check_fits(path, opts)?;
+    }
+    let split = match opts.split_mode {
+        SplitMode::None => LlamaSplitMode::None,
+        SplitMode::Layer => LlamaSplitMode::Layer,
+        SplitMode::Row => LlamaSplitMode::Row,
+    };
     // mmap (the default): the page cache shares the file across processes and reloads.
-    let params = LlamaModelParams::default().with_n_gpu_layers(opts.n_gpu_layers);
-    LlamaModel::load_from_file(backend, path, &params).map_err(|e| EngineError::Load {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(gpu_layers)
+        .with_main_gpu(opts.main_gpu as i32)
+        .with_split_mode(split);
+    let model = LlamaModel::load_from_file(backend.llama(), path, &params).map_err(|e| {
+        EngineError::Load {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let devices = backend::devices();
+    backend::record_memory(&devices);
+    tracing::info!(
+        file = %path.file_name().unwrap_or_default().to_string_lossy(),
+        cpu = %backend.cpu_variant,
+        device = %placement(backend, &model, gpu_layers),
+        ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    Ok(model)
+}
+
+/// `CUDA0 (27/27 layers)`, or `CPU`.
+fn placement(backend: &Backend, model: &LlamaModel, gpu_layers: u32) -> String {
+    let gpus: Vec<&str> = backend
+        .devices
+        .iter()
+        .filter(|d| d.gpu)
+        .map(|d| d.name.as_str())
+        .collect();
+    if gpus.is_empty() || gpu_layers == 0 {
+        return "CPU".into();
+    }
+    // llama.cpp offloads the last `gpu_layers` of n_layer + 1 (the output layer).
+    let total = model.n_layer() + 1;
+    format!(
+        "{} ({}/{total} layers)",
+        gpus.join("+"),
+        gpu_layers.min(total)
+    )
+}
+
+/// A model that cannot fit is refused before llama.cpp tries (a failed device allocation
+/// there can abort the process): its file size against the free memory of the GPUs.
+fn check_fits(path: &Path, opts: &LoadOptions) -> Result<(), EngineError> {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let devices = backend::devices();
+    let gpus: Vec<&backend::Device> = devices.iter().filter(|d| d.gpu).collect();
+    let free: u64 = match opts.split_mode {
+        SplitMode::None => gpus
+            .get(opts.main_gpu as usize)
+            .map_or(0, |d| d.memory_free),
+        SplitMode::Layer | SplitMode::Row => gpus.iter().map(|d| d.memory_free).sum(),
+    };
+    // Only a full offload is checked: with fewer layers the share on the GPU is the caller's call.
+    if opts.n_gpu_layers.is_none_or(|n| n >= ALL_LAYERS) && !gpus.is_empty() && size > free {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(EngineError::DoesNotFit(format!(
+            "the model's weights take {:.2} GiB but the GPU has {:.2} GiB free; \
+             offload fewer layers (--n-gpu-layers) or free the GPU",
+            gib(size),
+            gib(free)
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn meta(model: &LlamaModel) -> ModelMeta {

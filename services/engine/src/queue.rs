@@ -4,6 +4,8 @@
 //! whose depth is a metric.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -54,12 +56,19 @@ impl<J: Send + 'static> Queue<J> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let path: PathBuf = path.to_path_buf();
+        // Counted before the thread exists, so a wait that starts now cannot miss it.
+        let live = Live::enter();
         std::thread::Builder::new()
             .name(format!(
                 "llama-{short}-{}",
                 name.chars().take(20).collect::<String>()
             ))
-            .spawn(move || run(&path, Jobs { rx, kind }, ready_tx))
+            .spawn(move || {
+                let _live = live;
+                // `run` owns model and context: both are freed when it returns.
+                run(&path, Jobs { rx, kind }, ready_tx);
+                tracing::info!(model = %path.display(), "{kind} engine stopped; model freed");
+            })
             .map_err(|e| EngineError::Backend(e.to_string()))?;
         let ready = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
         let queue = Self {
@@ -119,4 +128,48 @@ impl<J> Jobs<J> {
                 .dec();
         }
     }
+}
+
+/// Engine threads not yet finished: each owns a llama.cpp model and context, which must be
+/// freed before the process exits (a GPU backend aborts when its runtime is torn down first).
+static LIVE: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+fn live_count() -> MutexGuard<'static, usize> {
+    LIVE.0.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One running engine thread, counted in [`LIVE`] while it lives.
+struct Live;
+
+impl Live {
+    fn enter() -> Self {
+        *live_count() += 1;
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        *live_count() -= 1;
+        LIVE.1.notify_all();
+    }
+}
+
+/// Waits until every engine thread has freed its model and context (their queues must be
+/// gone: the engines dropped), at most `limit`. False when some were still running.
+pub fn wait_engines_stopped(limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut n = live_count();
+    while *n > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        n = LIVE
+            .1
+            .wait_timeout(n, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    true
 }

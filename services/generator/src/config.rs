@@ -2,13 +2,13 @@
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct GeneratorConfig {
-    /// llama.cpp threads (default: every core).
+    /// llama.cpp threads (default: OMP_NUM_THREADS, else every core).
     #[arg(long, env = "LLAMA_GENERATOR_THREADS")]
     pub threads: Option<usize>,
 
-    /// Model layers offloaded to the GPU (needs a CUDA/Metal build).
-    #[arg(long, env = "LLAMA_N_GPU_LAYERS", default_value_t = 0)]
-    pub n_gpu_layers: u32,
+    /// GPU offload, split and KV cache settings.
+    #[command(flatten)]
+    pub device: llama_agent_models::device::DeviceConfig,
 
     /// Models kept loaded; the least recently used is unloaded (and its lease released) first.
     #[arg(long, env = "LLAMA_GENERATOR_MAX_MODELS", default_value_t = 1)]
@@ -39,7 +39,7 @@ impl Default for GeneratorConfig {
     fn default() -> Self {
         Self {
             threads: None,
-            n_gpu_layers: 0,
+            device: Default::default(),
             max_models: 1,
             parallel: 4,
             ctx_size: 4096,
@@ -52,9 +52,8 @@ impl Default for GeneratorConfig {
 
 impl GeneratorConfig {
     pub fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get)
-        })
+        self.threads
+            .unwrap_or_else(llama_agent_models::device::default_threads)
     }
 
     pub fn validate(&self) -> Result<(), String> {

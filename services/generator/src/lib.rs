@@ -14,7 +14,6 @@ use llama_agent_common::grpc::Ready;
 pub use llama_agent_common::grpc::ServeError;
 use llama_agent_common::options::Plumbing;
 use llama_agent_engine::generate::{GenerateOptions, GenerationEngine};
-use llama_agent_engine::LoadOptions;
 use llama_agent_models::ModelPool;
 use llama_agent_proto::generator::v1::generator_service_server::{
     GeneratorServiceServer, SERVICE_NAME,
@@ -24,10 +23,7 @@ const SERVICES: &[&str] = &[SERVICE_NAME];
 
 fn pool(config: &GeneratorConfig, loader: LoaderClient) -> Arc<ModelPool<GenerationEngine>> {
     let opts = GenerateOptions {
-        load: LoadOptions {
-            n_gpu_layers: config.n_gpu_layers,
-            threads: config.threads() as i32,
-        },
+        load: config.device.load_options(config.threads()),
         ctx_per_seq: config.ctx_size,
         parallel: config.parallel,
         n_batch: config.batch_size,

@@ -3,6 +3,8 @@
 //! request, and unloaded least-recently-used first past `max_models` (its lease released).
 //! Models already loaded keep serving when the loader is unreachable.
 
+pub mod device;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -78,7 +80,7 @@ impl From<ServiceError> for tonic::Status {
 fn engine_code(e: &EngineError) -> tonic::Code {
     match e {
         EngineError::InvalidRequest(_) => tonic::Code::InvalidArgument,
-        EngineError::QueueFull(_) => tonic::Code::ResourceExhausted,
+        EngineError::QueueFull(_) | EngineError::DoesNotFit(_) => tonic::Code::ResourceExhausted,
         EngineError::Stopped => tonic::Code::Unavailable,
         // The file is there but llama.cpp cannot use it (unsupported architecture, bad GGUF).
         EngineError::Load { .. } => tonic::Code::FailedPrecondition,
@@ -227,7 +229,8 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
                 return Err(e.into());
             }
         };
-        tracing::info!(model = %key, ms = started.elapsed().as_millis() as u64, "model loaded");
+        // The engine logs the load itself (file, CPU module, device, layers offloaded).
+        tracing::debug!(model = %key, ms = started.elapsed().as_millis() as u64, "model loaded");
         LOAD_SECONDS.observe(started.elapsed().as_secs_f64());
         LOADED.inc();
         let evicted = {

@@ -264,6 +264,7 @@ fn bare_rate(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    llama_agent_tests::support::leave_openmp_alone();
     let args = Args::parse();
     let bench = Bench {
         model: model(MINILM_FILE),
@@ -282,11 +283,10 @@ async fn main() -> anyhow::Result<()> {
     write_lines(&warm, &texts(100))?;
     bench.cli(&warm, 32)?;
     let (mut server, url) = start_server(&bench)?;
-    // llama.cpp's own logs would interleave with the table.
-    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
-    let backend = LlamaBackend::init()?;
+    // The engine's backend: the same CPU module choice (and logs routed to debug).
+    let backend = llama_agent_engine::init_backend()?.llama();
     let bare_model =
-        LlamaModel::load_from_file(&backend, &bench.model, &LlamaModelParams::default())?;
+        LlamaModel::load_from_file(backend, &bench.model, &LlamaModelParams::default())?;
 
     println!(
         "model {MINILM_FILE}, {} threads, embedder packing: {} tokens / {} sequences per batch",
@@ -308,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
         let input = bench.work.path().join(format!("texts-{n}.txt"));
         write_lines(&input, &corpus)?;
         let embedding = n as f64 / bench.llama_embedding(&input)?;
-        let bare = bare_rate(a, &backend, &bare_model, &corpus)?;
+        let bare = bare_rate(a, backend, &bare_model, &corpus)?;
         for &b in &a.batches {
             let (secs, _) = bench.cli(&input, b)?;
             let cli = n as f64 / secs;

@@ -31,6 +31,7 @@ const REPO: &str = "bench/model-GGUF";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    llama_agent_tests::support::leave_openmp_alone();
     let args = Args::parse();
     let file = args.model.clone().unwrap_or_else(|| model(GEMMA_FILE));
     let name = file

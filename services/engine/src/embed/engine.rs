@@ -144,7 +144,6 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
         return;
     }
     Batcher::new(&model, ctx, limits).serve(rx);
-    tracing::info!(model = %path.display(), "embedding engine stopped");
 }
 
 // llama.h's llama_flash_attn_type (llama-cpp-2 does not re-export llama-cpp-sys-2).
@@ -166,6 +165,8 @@ fn new_context<'m>(
         .with_n_seq_max(opts.max_seqs_per_batch)
         .with_n_threads(opts.load.threads)
         .with_n_threads_batch(opts.load.threads)
+        .with_type_k(opts.load.cache_type_k)
+        .with_type_v(opts.load.cache_type_v)
         .with_kv_unified(true)
         .with_flash_attention_policy(if opts.flash_attention {
             FLASH_ATTN_AUTO
@@ -173,7 +174,7 @@ fn new_context<'m>(
             FLASH_ATTN_DISABLED
         });
     model
-        .new_context(init_backend()?, params)
+        .new_context(init_backend()?.llama(), params)
         .map_err(|e| EngineError::Llama(format!("creating the embedding context: {e}")))
 }
 

@@ -114,7 +114,6 @@ fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelM
         ctx_per_seq: ctx_per_seq as usize,
     };
     engine.serve(rx);
-    tracing::info!(model = %path.display(), "generation engine stopped");
 }
 
 fn new_context<'m>(
@@ -130,10 +129,12 @@ fn new_context<'m>(
         .with_n_seq_max(opts.parallel)
         .with_n_threads(opts.load.threads)
         .with_n_threads_batch(opts.load.threads)
+        .with_type_k(opts.load.cache_type_k)
+        .with_type_v(opts.load.cache_type_v)
         // One KV pool for all sequences: a long one may use what short ones leave.
         .with_kv_unified(true);
     model
-        .new_context(init_backend()?, params)
+        .new_context(init_backend()?.llama(), params)
         .map_err(|e| EngineError::Llama(format!("creating the context: {e}")))
 }
 
