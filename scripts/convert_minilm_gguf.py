@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Convert a sentence-transformers BERT model (all-MiniLM-L6-v2) to GGUF.
 
-Usage: convert_minilm_gguf.py SRC_DIR OUT.gguf [f16|f32]
+Usage: convert_minilm_gguf.py SRC_DIR OUT.gguf [f16|f32|q8_0]
 
 SRC_DIR is a Hugging Face model directory (config.json, model.safetensors,
 vocab.txt, tokenizer.json, modules.json, 1_Pooling/config.json). The result is
-an F16 (default) or F32 GGUF that llama.cpp loads as an embedding model (arch "bert").
+an F16 (default), F32 or Q8_0 GGUF that llama.cpp loads as an embedding model (arch "bert").
 
 This replays what llama.cpp's convert_hf_to_gguf.py does for `BertModel` with
 `--outtype f16` / `--outtype f32`, but needs only gguf + numpy + safetensors (no torch, no
@@ -20,7 +20,8 @@ transformers), so it runs in the repo's small venv:
   * tensors: HF names mapped with gguf's own TensorNameMap; position_ids and the
     pooler are dropped; 1-D tensors (norms, biases), position and token-type
     embeddings stay F32, every other tensor (matmul weights, token_embd) is F16
-    (or everything F32 with f32);
+    (or everything F32 with f32; Q8_0 with q8_0, quantized by gguf's own numpy code,
+    as llama-quantize would);
   * general.* metadata via gguf.Metadata.load on the model card, as llama.cpp.
 """
 
@@ -118,9 +119,13 @@ def convert(src: Path, out: Path, outtype: str = "f16") -> None:
             data = st.get_tensor(name).astype(np.float32).squeeze()
             keep_f32 = data.ndim <= 1 or new_name.endswith("_norm.weight") or any(
                 new_name == gguf.TENSOR_NAMES[t] + ".weight" for t in KEEP_F32)
+            n_params += data.size
             if not keep_f32 and outtype == "f16":
                 data = data.astype(np.float16)
-            n_params += data.size
+            if not keep_f32 and outtype == "q8_0":
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                w.add_tensor(new_name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+                continue
             w.add_tensor(new_name, data)
 
     # general.*: same source (model card README + config) and fallbacks as llama.cpp.
@@ -137,7 +142,8 @@ def convert(src: Path, out: Path, outtype: str = "f16") -> None:
     w.add_feed_forward_length(hp["intermediate_size"])
     w.add_head_count(hp["num_attention_heads"])
     w.add_layer_norm_eps(hp["layer_norm_eps"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     w.add_causal_attention(False)
     if (pt := pooling_type(src)) is not None:
         w.add_pooling_type(pt)
@@ -200,8 +206,8 @@ def check(out: Path, n_layer: int) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["f16"], ["f32"]):
-        sys.exit(f"usage: {sys.argv[0]} SRC_DIR OUT.gguf [f16|f32]")
+    if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["f16"], ["f32"], ["q8_0"]):
+        sys.exit(f"usage: {sys.argv[0]} SRC_DIR OUT.gguf [f16|f32|q8_0]")
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     outtype = sys.argv[3] if len(sys.argv) == 4 else "f16"
     # Write to a temp name so an interrupted run never leaves a half-written OUT.

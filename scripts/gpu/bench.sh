@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no network, no Rust), over what scripts/gpu/pack.sh put in
+# .gpu-pack/. Work lands in .gpu-work/ and is reused by later phases on the same machine.
+#
+#   scripts/gpu/bench.sh build    unpack; build libggml-cuda.so and llama.cpp's own tools (the
+#                                 peers) from the same source; drop the module beside our binaries
+#   scripts/gpu/bench.sh models [1b]  write the synthetic models (gemma3 1B/4B Q4_K_M, Qwen3-Embedding
+#                                 0.6B shape Q8_0) and unpack MiniLM Q8_0
+#   scripts/gpu/bench.sh smoke    llama-cli generate/embed on the GPU: devices, layers, exit codes
+#   scripts/gpu/bench.sh generate decode, TTFT and 1/16/64 streams against llama-bench,
+#                                 llama-server and llama-batched-bench
+#   scripts/gpu/bench.sh cpu      the same machine's CPU: 1 and 8 streams, GPU module left out
+#   scripts/gpu/bench.sh embed    llama-cli embed of 100k texts (MiniLM, Qwen3-Embedding shape)
+#   scripts/gpu/bench.sh all      every phase in order
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PACK="$ROOT/.gpu-pack"
+W="$ROOT/.gpu-work"
+BIN="$W/llama-agent/bin"
+PEERS="$W/bc/bin"
+M="$W/models"
+JOBS="$(nproc)"
+mkdir -p "$W" "$M"
+export PYTHONPATH="$W/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
+# A second or third run of a phase must not be timed against a half-warm page cache.
+say() { printf '\n== %s\n' "$*"; }
+
+build() {
+    [[ -d "$W/llama-agent" ]] || tar -C "$W" -xJf "$PACK/dist.tar.xz"
+    [[ -d "$W/llama.cpp" ]] || tar -C "$W" -xJf "$PACK/llama.cpp.tar.xz"
+    if [[ ! -f "$PEERS/libggml-cuda.so" ]]; then
+        say "building libggml-cuda.so and the peers (commit $(cat "$PACK/COMMIT"))"
+        cmake -S "$W/llama.cpp" -B "$W/bc" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+            -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF -DGGML_CPU_ALL_VARIANTS=ON \
+            -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+            -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >/dev/null
+        # The peers' CPU modules: the generations a GPU host has (ggml picks the best one);
+        # not the AMX one, which ours leaves out too (it dies with SIGILL on that VM).
+        local cpu=""
+        for v in x64 haswell skylakex icelake zen4; do cpu+=" ggml-cpu-$v"; done
+        cmake --build "$W/bc" -j "$JOBS" --target ggml-cuda $cpu llama-bench llama-server \
+            llama-quantize llama-batched-bench
+    fi
+    cp "$PEERS/libggml-cuda.so" "$BIN/"
+    ls -la "$BIN" | grep -E 'cuda|cpu-' | awk '{print $5, $9}'
+}
+
+models() {
+    local tmpl="$W/gemma3-vocab.gguf"
+    [[ -f "$tmpl" ]] || xz -dc "$PACK/gemma3-vocab.gguf.xz" > "$tmpl"
+    [[ -f "$M/minilm-q8_0.gguf" ]] || xz -dc "$PACK/all-MiniLM-L6-v2-Q8_0.gguf.xz" > "$M/minilm-q8_0.gguf"
+    synth() {  # NAME QUANT SCRIPT ARGS...
+        local name=$1 quant=$2 script=$3; shift 3
+        [[ -f "$M/$name-$quant.gguf" ]] && return
+        python3 "$PACK/$script" "$tmpl" "$M/$name-f16.gguf" "$@" >/dev/null
+        "$PEERS/llama-quantize" "$M/$name-f16.gguf" "$M/$name-$quant.gguf" "$quant" "$JOBS" >/dev/null 2>&1
+        rm -f "$M/$name-f16.gguf"
+    }
+    synth gemma3-1b Q4_K_M synth_gemma3.py --embd 1152 --layers 26 --ff 6912 --heads 4 --kv 1 --head-dim 256
+    [[ "${1:-}" == 1b ]] && return
+    synth gemma3-4b Q4_K_M synth_gemma3.py --embd 2560 --layers 34 --ff 10240 --heads 8 --kv 4 --head-dim 256
+    synth qwen3-emb-0.6b Q8_0 synth_qwen3.py --embd 1024 --layers 28 --ff 3072 --heads 16 --kv 8 \
+        --head-dim 128 --pooling last
+    ls -la "$M"
+}
+
+# Short texts, one per line, the same every run.
+texts() {
+    python3 - "$1" "$2" <<'PY'
+import sys
+n, out = int(sys.argv[1]), sys.argv[2]
+words = "the model reads a short sentence about cats and dogs while rain falls on quiet streets of old towns".split()
+with open(out, "w") as f:
+    for i in range(n):
+        k = 10 + i % 8
+        f.write(" ".join(words[(i + j * 7) % len(words)] for j in range(k)) + f" {i}\n")
+PY
+}
+
+smoke() {
+    say "llama-cli generate on the GPU (RUST_LOG=info: backends and model load lines)"
+    local rc=0
+    RUST_LOG=info "$BIN/llama-cli" generate --model "$M/gemma3-1b-Q4_K_M.gguf" --prompt "Hello there" \
+        --max-tokens 32 --temperature 0 --json 2>"$W/smoke-gen.err" >"$W/smoke-gen.json" || rc=$?
+    grep -E 'backends loaded|model loaded|engine stopped' "$W/smoke-gen.err" || true
+    echo "exit code: $rc"; tail -c 600 "$W/smoke-gen.json"; echo
+    texts 1000 "$W/t1k.txt"
+    rc=0
+    RUST_LOG=info "$BIN/llama-cli" embed --model "$M/minilm-q8_0.gguf" --input "$W/t1k.txt" \
+        --output "$W/t1k.parquet" 2>"$W/smoke-emb.err" || rc=$?
+    grep -E 'backends loaded|model loaded|engine stopped' "$W/smoke-emb.err" || true
+    echo "exit code: $rc"
+    grep -iE 'error|abort' "$W/smoke-gen.err" "$W/smoke-emb.err" | head -5 || true
+}
+
+generate() {
+    for model in gemma3-1b gemma3-4b; do
+        local streams=1,16,64
+        [[ $model == gemma3-4b ]] && streams=1
+        say "$model: llama-agent vs llama-bench / llama-server (GPU, all layers)"
+        "$BIN/bench-generate" --model "$M/$model-Q4_K_M.gguf" --llama-bin "$PEERS" --ngl 99 \
+            --threads 8 --tokens 128 --streams "$streams" --ctx-size 1024
+    done
+    say "llama-batched-bench (decode ceiling; 1B, 16-token prompts, 128 generated)"
+    "$PEERS/llama-batched-bench" -m "$M/gemma3-1b-Q4_K_M.gguf" -ngl 99 -c 65536 -b 2048 -ub 512 \
+        -npp 16 -ntg 128 -npl 1,16,64 2>/dev/null | grep -E '^\|' || true
+}
+
+cpu() {
+    say "CPU side on $(nproc) cores (GGML_CUDA=0 for ours, -ngl 0 for the peers)"
+    GGML_CUDA=0 "$BIN/bench-generate" --model "$M/gemma3-1b-Q4_K_M.gguf" --llama-bin "$PEERS" \
+        --ngl 0 --threads "$JOBS" --tokens 64 --streams 1,8 --ctx-size 1024
+}
+
+embed() {
+    texts 100000 "$W/t100k.txt"
+    for model in minilm-q8_0 qwen3-emb-0.6b-Q8_0; do
+        say "llama-cli embed, 100k texts, $model"
+        rm -f "$W/out.parquet"
+        local t0 t1 rc=0
+        t0=$(date +%s.%N)
+        "$BIN/llama-cli" embed --model "$M/$model.gguf" --input "$W/t100k.txt" \
+            --output "$W/out.parquet" --batch-size 256 2>"$W/embed-$model.err" || rc=$?
+        t1=$(date +%s.%N)
+        python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); print(f'{s:.1f} s wall, {100000/s:,.0f} texts/s, exit {sys.argv[3]}')" "$t0" "$t1" "$rc"
+    done
+}
+
+case "${1:-all}" in
+    build) build ;;
+    models) models "${2:-}" ;;
+    smoke) smoke ;;
+    generate) generate ;;
+    cpu) cpu ;;
+    embed) embed ;;
+    all) build; models; smoke; generate; cpu; embed ;;
+    *) echo "usage: $0 build|models [1b]|smoke|generate|cpu|embed|all" >&2; exit 2 ;;
+esac
