@@ -11,6 +11,11 @@ use llama_generator::GeneratorConfig;
 use tonic::Code;
 
 fn config(parallel: u32, queue: usize) -> GeneratorConfig {
+    // The greedy fixture comes from an AVX2/FMA llama.cpp build (scripts/build-llama-tools.sh),
+    // which is the haswell module; other modules' kernels flip near-tie argmaxes of this small
+    // Q4 model. Every test here shares the process's backend, so all pin it.
+    static PIN: std::sync::Once = std::sync::Once::new();
+    PIN.call_once(|| std::env::set_var("LLAMA_AGENT_CPU_VARIANT", "haswell"));
     GeneratorConfig {
         threads: Some(2),
         parallel,

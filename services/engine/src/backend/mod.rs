@@ -70,7 +70,12 @@ fn set_up() -> Result<Backend, String> {
         )
     })?;
     load_gpu_modules(&dir);
-    let modules = cpu::modules_in(&dir);
+    let mut modules = cpu::modules_in(&dir);
+    // A pinned module (reproducing another build's numerics, or ruling one out), still
+    // subject to the OS and CPU checks.
+    if let Ok(only) = std::env::var("LLAMA_AGENT_CPU_VARIANT") {
+        modules.retain(|m| m.variant == only.trim());
+    }
     let os = cpu::OsSupport::detect();
     let (chosen, skipped) = cpu::choose(&modules, os);
     for (variant, why) in &skipped {
