@@ -166,14 +166,21 @@ impl ManifestStore {
 
 /// Replaces `path` with `bytes` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    // One temporary name per writer: two processes sharing a cache directory (two
+    // in-process `llama-cli` runs) must not rename each other's half-written file away.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.{n}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let io = |e| LoaderError::io(path, e);
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // A full disk must not also leave a stray temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(LoaderError::io(path, e));
+    }
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
@@ -188,4 +195,33 @@ pub fn mtime_ns(md: &std::fs::Metadata) -> i64 {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_atomic;
+
+    #[test]
+    fn concurrent_atomic_writes_each_land_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.json");
+        std::thread::scope(|s| {
+            for writer in 0..8u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        write_atomic(path, &[writer; 4096]).expect("every write lands");
+                    }
+                });
+            }
+        });
+        let last = std::fs::read(&path).unwrap();
+        assert_eq!(last.len(), 4096);
+        assert!(last.iter().all(|b| *b == last[0]), "one writer's bytes, whole");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["manifest.json"], "no temporary file is left behind");
+    }
 }
