@@ -217,7 +217,10 @@ mod tests {
         });
         let last = std::fs::read(&path).unwrap();
         assert_eq!(last.len(), 4096);
-        assert!(last.iter().all(|b| *b == last[0]), "one writer's bytes, whole");
+        assert!(
+            last.iter().all(|b| *b == last[0]),
+            "one writer's bytes, whole"
+        );
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
