@@ -8,11 +8,11 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
-use super::request::{FinishReason, GenEvent, GenRequest, Prompt, Sampling};
+use super::request::{FinishReason, GenEvent, GenRequest, Prompt};
+use super::sample::{pick_all, Picker};
 use super::slot::{Phase, Slot};
 use crate::model::{self, LoadOptions, ModelMeta};
 use crate::queue::{or_report, Jobs, Queue, ReadyTx};
@@ -112,6 +112,7 @@ fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelM
         slots: (0..opts.parallel).map(|_| None).collect(),
         n_batch: opts.n_batch as usize,
         ctx_per_seq: ctx_per_seq as usize,
+        sampling_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     engine.serve(rx);
 }
@@ -131,8 +132,10 @@ fn new_context<'m>(
         .with_n_threads_batch(opts.load.threads)
         .with_type_k(opts.load.cache_type_k)
         .with_type_v(opts.load.cache_type_v)
-        // One KV pool for all sequences: a long one may use what short ones leave.
-        .with_kv_unified(true);
+        // A KV stream per sequence, not one pool: no sequence may outgrow ctx_per_seq anyway,
+        // and each token's attention then spans its own cells only (64 streams of a 1B model
+        // on an H200: 5.5k tok/s against 4.3k with one pool).
+        .with_kv_unified(false);
     model
         .new_context(init_backend()?.llama(), params)
         .map_err(|e| EngineError::Llama(format!("creating the context: {e}")))
@@ -145,6 +148,8 @@ struct Engine<'m> {
     slots: Vec<Option<Slot>>,
     n_batch: usize,
     ctx_per_seq: usize,
+    /// Threads that may pick tokens at once when many sequences generate.
+    sampling_threads: usize,
 }
 
 impl Engine<'_> {
@@ -185,7 +190,7 @@ impl Engine<'_> {
         let _entered = span.enter();
         let started = Instant::now();
         match self.prepare(&job.req) {
-            Ok((prompt, sampler)) => {
+            Ok((prompt, picker)) => {
                 let max_tokens = match job.req.max_tokens {
                     0 => u32::MAX,
                     n => n,
@@ -197,7 +202,7 @@ impl Engine<'_> {
                     prompt,
                     n_past: 0,
                     phase: Phase::Prefill,
-                    sampler,
+                    picker,
                     max_tokens,
                     generated: 0,
                     deadline: job.req.deadline,
@@ -220,8 +225,8 @@ impl Engine<'_> {
         }
     }
 
-    /// Renders and tokenizes the prompt, checks it fits, builds the sampler.
-    fn prepare(&self, req: &GenRequest) -> Result<(Vec<LlamaToken>, LlamaSampler), EngineError> {
+    /// Renders and tokenizes the prompt, checks it fits, builds the sampler chain.
+    fn prepare(&self, req: &GenRequest) -> Result<(Vec<LlamaToken>, Picker), EngineError> {
         let text = match &req.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat { messages, template } => {
@@ -240,10 +245,9 @@ impl Engine<'_> {
                 self.ctx_per_seq
             )));
         }
-        let mut sampler = sampler_for(&req.sampling, self.model.n_vocab());
-        // The repeat penalty looks at the prompt too, as llama.cpp's server does.
-        sampler.accept_many(prompt.iter());
-        Ok((prompt, sampler))
+        let mut picker = Picker::new(&req.sampling, self.model.n_vocab());
+        picker.remember(&prompt);
+        Ok((prompt, picker))
     }
 
     fn render_chat(
@@ -374,18 +378,34 @@ impl Engine<'_> {
             }
             return;
         }
-        for (i, row) in logit_rows {
-            self.sample(i, row);
+        // One row per sequence; in slot order, so rows pair with the slots as they are walked.
+        logit_rows.sort_unstable_by_key(|&(i, _)| i);
+        let tokens = {
+            let ctx = &self.ctx;
+            let mut rows = logit_rows.iter().copied().peekable();
+            let work = self
+                .slots
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, slot)| {
+                    let row = rows.next_if(|&(at, _)| at == i)?.1;
+                    Some((&mut slot.as_mut()?.picker, ctx.get_logits_ith(row)))
+                })
+                .collect();
+            pick_all(work, self.sampling_threads)
+        };
+        for ((i, _), token) in logit_rows.into_iter().zip(tokens) {
+            self.advance(i, token);
         }
     }
 
-    fn sample(&mut self, i: usize, row: i32) {
+    /// Takes a sequence's new token: timings, text, and whether it ends the sequence.
+    fn advance(&mut self, i: usize, token: LlamaToken) {
         let model = self.model;
         let ctx_per_seq = self.ctx_per_seq;
         let Some(slot) = self.slots[i].as_mut() else {
             return;
         };
-        let token = slot.sampler.sample(&self.ctx, row);
         slot.generated += 1;
         let now = Instant::now();
         match slot.last_token {
@@ -418,35 +438,4 @@ impl Engine<'_> {
             None => slot.phase = Phase::Decode(token),
         }
     }
-}
-
-/// llama.cpp's sampler order: penalties, top-k, top-p, min-p, temperature, then the draw
-/// (or greedy when temperature is 0).
-fn sampler_for(s: &Sampling, n_vocab: i32) -> LlamaSampler {
-    let mut chain = Vec::new();
-    if s.repeat_penalty != 1.0 {
-        chain.push(LlamaSampler::penalties(
-            n_vocab,
-            s.repeat_last_n,
-            s.repeat_penalty,
-            0.0,
-            0.0,
-        ));
-    }
-    if s.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if s.top_k > 0 {
-            chain.push(LlamaSampler::top_k(s.top_k));
-        }
-        if s.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(s.top_p, 1));
-        }
-        if s.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(s.min_p, 1));
-        }
-        chain.push(LlamaSampler::temp(s.temperature));
-        chain.push(LlamaSampler::dist(s.seed));
-    }
-    LlamaSampler::chain_simple(chain)
 }

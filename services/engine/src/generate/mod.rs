@@ -3,6 +3,7 @@
 
 mod engine;
 mod request;
+mod sample;
 mod slot;
 
 pub use engine::{GenerateOptions, GenerationEngine};

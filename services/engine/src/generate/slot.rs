@@ -24,7 +24,7 @@ pub(super) struct Slot {
     /// Tokens of this sequence in the KV cache (next position).
     pub n_past: usize,
     pub phase: Phase,
-    pub sampler: llama_cpp_2::sampling::LlamaSampler,
+    pub picker: super::sample::Picker,
     pub max_tokens: u32,
     pub generated: u32,
     pub deadline: Option<Instant>,
