@@ -240,11 +240,9 @@ impl<'m> Batcher<'m> {
             self.fail_batch(&seqs, &format!("decode failed: {e}"));
             return;
         }
-        for s in &seqs {
-            if let Err(e) = self.collect(s) {
-                self.fail_batch(&seqs, &e);
-                return;
-            }
+        if let Err(e) = self.collect_all(&seqs, n_tokens) {
+            self.fail_batch(&seqs, &e);
+            return;
         }
         // Causal models keep KV cells per sequence; every batch starts from an empty cache.
         self.ctx.clear_kv_cache();
@@ -261,24 +259,17 @@ impl<'m> Batcher<'m> {
         self.answer_finished();
     }
 
-    /// Pools one sequence's token vectors into its request's output row.
-    fn collect(&mut self, s: &Seq) -> Result<(), String> {
-        let rows = (s.first..s.first + s.len as i32)
-            .map(|i| {
-                self.ctx
-                    .embeddings_ith(i)
-                    .map_err(|e| format!("reading token vector {i}: {e}"))
-            })
-            .collect::<Result<Vec<&[f32]>, String>>()?;
-        let a = &mut self.active[s.job];
-        pool(a.out.pooling, &rows, &mut self.scratch);
-        let dim = a.out.dim;
-        let v = &mut a.out.vectors[s.row * dim..(s.row + 1) * dim];
-        v.copy_from_slice(&self.scratch[..dim]);
-        if a.normalize {
-            l2_normalize(v);
+    /// Pools every sequence of the batch into its request's output rows.
+    fn collect_all(&mut self, seqs: &[Seq], n_tokens: usize) -> Result<(), String> {
+        let dim = self.limits.dim;
+        let all = token_vectors(&self.ctx, n_tokens, dim)?;
+        let mut rows: Vec<&[f32]> = Vec::new();
+        for s in seqs {
+            rows.clear();
+            rows.extend(all[s.first as usize * dim..][..s.len * dim].chunks_exact(dim));
+            let a = &mut self.active[s.job];
+            collect(a, s.row, &rows, &mut self.scratch);
         }
-        a.done += 1;
         Ok(())
     }
 
@@ -307,6 +298,48 @@ impl<'m> Batcher<'m> {
             }
         }
     }
+}
+
+/// Pools one sequence's token vectors into row `row` of its request.
+fn collect(a: &mut Active, row: usize, tokens: &[&[f32]], scratch: &mut [f32]) {
+    pool(a.out.pooling, tokens, scratch);
+    let dim = a.out.dim;
+    let v = &mut a.out.vectors[row * dim..(row + 1) * dim];
+    v.copy_from_slice(&scratch[..dim]);
+    if a.normalize {
+        l2_normalize(v);
+    }
+    a.done += 1;
+}
+
+/// The token vectors of the last batch, `n_tokens` rows of `dim`, in batch order.
+///
+/// Each `embeddings_ith` call synchronises every backend (a CUDA stream sync, microseconds
+/// each), so one call per token cost milliseconds per batch on a GPU. llama.cpp keeps the
+/// rows of an all-output batch in one buffer in batch order; the first and last rows are
+/// read through the API and the span between them is used only when it is exactly that.
+fn token_vectors<'c>(
+    ctx: &'c LlamaContext<'_>,
+    n_tokens: usize,
+    dim: usize,
+) -> Result<&'c [f32], String> {
+    let row = |i: usize| {
+        ctx.embeddings_ith(i as i32)
+            .map_err(|e| format!("reading token vector {i}: {e}"))
+    };
+    let (first, last) = (row(0)?, row(n_tokens - 1)?);
+    if first.len() < dim || last.len() < dim {
+        return Err(format!("token vectors are narrower than {dim}"));
+    }
+    let span = (n_tokens - 1) * dim;
+    if first.as_ptr().wrapping_add(span) != last.as_ptr() {
+        return Err("llama.cpp's token vectors are not in batch order".into());
+    }
+    // SAFETY: `first` and `last` point into llama.cpp's one output buffer (rows of `dim`
+    // floats), `last` exactly `n_tokens - 1` rows after `first`, so the whole span is
+    // initialised floats of that allocation; it lives until the next decode, which needs
+    // `&mut` of the context this borrow holds.
+    Ok(unsafe { std::slice::from_raw_parts(first.as_ptr(), span + dim) })
 }
 
 fn limit_reason(max_length: usize, per_text: usize) -> String {
