@@ -4,8 +4,8 @@
 #
 #   scripts/gpu/bench.sh build    unpack; build libggml-cuda.so and llama.cpp's own tools (the
 #                                 peers) from the same source; drop the module beside our binaries
-#   scripts/gpu/bench.sh models [1b]  write the synthetic models (gemma3 1B/4B Q4_K_M, Qwen3-Embedding
-#                                 0.6B shape Q8_0) and unpack MiniLM Q8_0
+#   scripts/gpu/bench.sh models [NAME...]  write the synthetic models (gemma3-1b, gemma3-4b: Q4_K_M;
+#                                 qwen3-emb: Qwen3-Embedding-0.6B shape, Q8_0; default all) and unpack MiniLM Q8_0
 #   scripts/gpu/bench.sh smoke    llama-cli generate/embed on the GPU: devices, layers, exit codes
 #   scripts/gpu/bench.sh generate decode, TTFT and 1/16/64 streams against llama-bench,
 #                                 llama-server and llama-batched-bench
@@ -46,19 +46,20 @@ build() {
     ls -la "$BIN" | grep -E 'cuda|cpu-' | awk '{print $5, $9}'
 }
 
-models() {
+models() {  # [NAME...]: gemma3-1b gemma3-4b qwen3-emb (default: all); MiniLM always
+    local want=" ${*:-gemma3-1b gemma3-4b qwen3-emb} "
     local tmpl="$W/gemma3-vocab.gguf"
     [[ -f "$tmpl" ]] || xz -dc "$PACK/gemma3-vocab.gguf.xz" > "$tmpl"
     [[ -f "$M/minilm-q8_0.gguf" ]] || xz -dc "$PACK/all-MiniLM-L6-v2-Q8_0.gguf.xz" > "$M/minilm-q8_0.gguf"
     synth() {  # NAME QUANT SCRIPT ARGS...
         local name=$1 quant=$2 script=$3; shift 3
+        [[ "$want" == *" ${name%-*} "* || "$want" == *" $name "* ]] || return 0
         [[ -f "$M/$name-$quant.gguf" ]] && return
         python3 "$PACK/$script" "$tmpl" "$M/$name-f16.gguf" "$@" >/dev/null
         "$PEERS/llama-quantize" "$M/$name-f16.gguf" "$M/$name-$quant.gguf" "$quant" "$JOBS" >/dev/null 2>&1
         rm -f "$M/$name-f16.gguf"
     }
     synth gemma3-1b Q4_K_M synth_gemma3.py --embd 1152 --layers 26 --ff 6912 --heads 4 --kv 1 --head-dim 256
-    [[ "${1:-}" == 1b ]] && return
     synth gemma3-4b Q4_K_M synth_gemma3.py --embd 2560 --layers 34 --ff 10240 --heads 8 --kv 4 --head-dim 256
     synth qwen3-emb-0.6b Q8_0 synth_qwen3.py --embd 1024 --layers 28 --ff 3072 --heads 16 --kv 8 \
         --head-dim 128 --pooling last
@@ -129,11 +130,11 @@ embed() {
 
 case "${1:-all}" in
     build) build ;;
-    models) models "${2:-}" ;;
+    models) shift; models "$@" ;;
     smoke) smoke ;;
     generate) generate ;;
     cpu) cpu ;;
     embed) embed ;;
     all) build; models; smoke; generate; cpu; embed ;;
-    *) echo "usage: $0 build|models [1b]|smoke|generate|cpu|embed|all" >&2; exit 2 ;;
+    *) echo "usage: $0 build|models [NAME...]|smoke|generate|cpu|embed|all" >&2; exit 2 ;;
 esac
