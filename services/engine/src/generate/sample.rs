@@ -302,31 +302,19 @@ mod tests {
             ..Default::default()
         };
         let rows: Vec<Vec<f32>> = (0..24).map(|i| row(262_144, i)).collect();
-        let mut serial: Vec<Picker> = rows
-            .iter()
-            .map(|_| Picker::new(&sampling, 262_144))
-            .collect();
-        let mut threaded: Vec<Picker> = rows
-            .iter()
-            .map(|_| Picker::new(&sampling, 262_144))
-            .collect();
+        let pickers = || -> Vec<Picker> {
+            rows.iter()
+                .map(|_| Picker::new(&sampling, 262_144))
+                .collect()
+        };
+        let pick = |pickers: &mut [Picker], threads| {
+            let work = pickers.iter_mut().zip(&rows).map(|(p, r)| (p, &r[..]));
+            pick_all(work.collect(), threads)
+        };
+        let (mut serial, mut threaded) = (pickers(), pickers());
         for _ in 0..3 {
-            let one = pick_all(
-                serial
-                    .iter_mut()
-                    .zip(&rows)
-                    .map(|(p, r)| (p, &r[..]))
-                    .collect(),
-                1,
-            );
-            let many = pick_all(
-                threaded
-                    .iter_mut()
-                    .zip(&rows)
-                    .map(|(p, r)| (p, &r[..]))
-                    .collect(),
-                4,
-            );
+            let one = pick(&mut serial, 1);
+            let many = pick(&mut threaded, 4);
             assert_eq!(one, many);
         }
     }
