@@ -85,6 +85,7 @@ ARG CUDA_ARCHITECTURES
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
+COPY llama.cpp-patches llama.cpp-patches
 COPY proto proto
 COPY services services
 COPY client client
