@@ -238,7 +238,7 @@ async fn packings_agree(config: EmbedderConfig, file: &str, tolerance: f32) {
     // One sequence per llama.cpp batch, and a small token budget: other packings entirely.
     let single = Stack::start_with(
         EmbedderConfig {
-            max_seqs_per_batch: 1,
+            max_seqs_per_batch: Some(1),
             ..config.clone()
         },
         file,
@@ -255,8 +255,8 @@ async fn packings_agree(config: EmbedderConfig, file: &str, tolerance: f32) {
     assert_same_vectors(&unpacked, &whole, tolerance, &what);
     let small = Stack::start_with(
         EmbedderConfig {
-            max_batch_tokens: 256,
-            ..config
+            max_batch_tokens: Some(256),
+            ..config.clone()
         },
         file,
     )
@@ -270,6 +270,22 @@ async fn packings_agree(config: EmbedderConfig, file: &str, tolerance: f32) {
     );
     let what = format!("{file}: 256-token batches vs 512");
     assert_same_vectors(&budget, &whole, tolerance, &what);
+    // Three contexts of the model take the concurrent requests between them.
+    let several = Stack::start_with(
+        EmbedderConfig {
+            contexts: Some(3),
+            ..config
+        },
+        file,
+    )
+    .await;
+    let calls = texts
+        .chunks(8)
+        .map(|c| several.client.embed(request(c, Default::default())));
+    let parts = futures::future::try_join_all(calls).await.unwrap();
+    let spread: Vec<Vec<f32>> = parts.iter().flat_map(rows).collect();
+    let what = format!("{file}: 8-text requests over 3 contexts vs one batch");
+    assert_same_vectors(&spread, &whole, tolerance, &what);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,11 @@
 //! Embedder settings: flags with environment fallbacks, validated before anything binds.
 
-use llama_agent_engine::embed::MAX_SEQS;
+use llama_agent_engine::embed::{MAX_CONTEXTS, MAX_SEQS};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct EmbedderConfig {
-    /// llama.cpp threads (default: OMP_NUM_THREADS, else every core).
+    /// llama.cpp threads (default: OMP_NUM_THREADS, else every core, or one when every layer
+    /// is on a GPU).
     #[arg(long, env = "LLAMA_EMBEDDER_THREADS")]
     pub threads: Option<usize>,
 
@@ -17,11 +18,11 @@ pub struct EmbedderConfig {
     pub max_models: usize,
 
     /// Tokens per llama.cpp batch, packed from many texts (and requests). Also the most
-    /// tokens one text may have: a text is never split across batches. Attention runs over
-    /// the whole packed batch, so bigger is not faster: 512 measured as fast as 2048 on short
-    /// texts with a third less memory; raise it for long texts.
-    #[arg(long, env = "LLAMA_EMBEDDER_MAX_BATCH_TOKENS", default_value_t = 512)]
-    pub max_batch_tokens: u32,
+    /// tokens one text may have: a text is never split across batches. Default: 512; 2048
+    /// for causal decoders wholly on a GPU. An encoder's attention spans the whole packed
+    /// batch, so bigger batches of short texts do quadratic work for nothing.
+    #[arg(long, env = "LLAMA_EMBEDDER_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<u32>,
 
     /// Flash attention (where llama.cpp supports it): about twice as fast on CPU, but it rounds
     /// attention inputs to F16, so a vector then depends on its batch by up to ~2e-4 per value.
@@ -29,9 +30,16 @@ pub struct EmbedderConfig {
     #[arg(long, env = "LLAMA_EMBEDDER_FLASH_ATTENTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub flash_attention: bool,
 
-    /// Texts per llama.cpp batch at most.
-    #[arg(long, env = "LLAMA_EMBEDDER_MAX_SEQS_PER_BATCH", default_value_t = 64)]
-    pub max_seqs_per_batch: u32,
+    /// Texts per llama.cpp batch at most (default: 64; 256 for causal decoders on a GPU).
+    #[arg(long, env = "LLAMA_EMBEDDER_MAX_SEQS_PER_BATCH")]
+    pub max_seqs_per_batch: Option<u32>,
+
+    /// llama.cpp contexts of one model embedding batches at the same time, each on its own
+    /// thread, sharing the model's weights and its queue (default: 4 when every layer is on a
+    /// GPU, where one thread cannot launch a small model's kernels fast enough to keep the GPU
+    /// busy; else 1). Each context takes whole requests.
+    #[arg(long, env = "LLAMA_EMBEDDER_CONTEXTS")]
+    pub contexts: Option<u32>,
 
     /// Requests (or stream batches) waiting for the engine, per model, before RESOURCE_EXHAUSTED.
     #[arg(long, env = "LLAMA_EMBEDDER_QUEUE_DEPTH", default_value_t = 64)]
@@ -48,9 +56,10 @@ impl Default for EmbedderConfig {
             threads: None,
             device: Default::default(),
             max_models: 1,
-            max_batch_tokens: 512,
+            max_batch_tokens: None,
             flash_attention: true,
-            max_seqs_per_batch: 64,
+            max_seqs_per_batch: None,
+            contexts: None,
             queue_depth: 64,
             preload: Vec::new(),
         }
@@ -58,9 +67,9 @@ impl Default for EmbedderConfig {
 }
 
 impl EmbedderConfig {
-    pub fn threads(&self) -> usize {
+    pub fn threads(&self) -> Option<usize> {
         self.threads
-            .unwrap_or_else(llama_agent_models::device::default_threads)
+            .or_else(llama_agent_models::device::env_threads)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -74,12 +83,17 @@ impl EmbedderConfig {
                 "--max-models must be at least 1".to_string(),
             ),
             (
-                self.max_batch_tokens < 8,
+                self.max_batch_tokens.is_some_and(|n| n < 8),
                 "--max-batch-tokens must be at least 8".to_string(),
             ),
             (
-                self.max_seqs_per_batch == 0 || self.max_seqs_per_batch > MAX_SEQS,
+                self.max_seqs_per_batch
+                    .is_some_and(|n| n == 0 || n > MAX_SEQS),
                 format!("--max-seqs-per-batch must be 1 to {MAX_SEQS}"),
+            ),
+            (
+                self.contexts.is_some_and(|n| n == 0 || n > MAX_CONTEXTS),
+                format!("--contexts must be 1 to {MAX_CONTEXTS}"),
             ),
             (
                 self.queue_depth == 0,
@@ -89,6 +103,38 @@ impl EmbedderConfig {
         match checks.into_iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(msg),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_counts_are_refused_by_name() {
+        let with = |f: fn(&mut EmbedderConfig)| {
+            let mut c = EmbedderConfig::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(|_| {}).is_ok());
+        assert!(with(|c| c.contexts = Some(MAX_CONTEXTS)).is_ok());
+        let refused = [
+            (with(|c| c.contexts = Some(0)), "--contexts"),
+            (with(|c| c.contexts = Some(MAX_CONTEXTS + 1)), "--contexts"),
+            (with(|c| c.max_batch_tokens = Some(4)), "--max-batch-tokens"),
+            (
+                with(|c| c.max_seqs_per_batch = Some(0)),
+                "--max-seqs-per-batch",
+            ),
+            (with(|c| c.threads = Some(0)), "--threads"),
+        ];
+        for (got, flag) in refused {
+            assert!(
+                got.as_ref().is_err_and(|m| m.contains(flag)),
+                "{flag}: {got:?}"
+            );
         }
     }
 }

@@ -31,6 +31,7 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
         load: config.device.load_options(config.threads()),
         max_batch_tokens: config.max_batch_tokens,
         max_seqs_per_batch: config.max_seqs_per_batch,
+        contexts: config.contexts,
         queue: config.queue_depth,
         flash_attention: config.flash_attention,
     };

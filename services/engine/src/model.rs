@@ -21,8 +21,8 @@ pub struct LoadOptions {
     /// KV cache element types (llama.cpp's default: F16).
     pub cache_type_k: KvCacheType,
     pub cache_type_v: KvCacheType,
-    /// llama.cpp threads for decoding and prompt processing.
-    pub threads: i32,
+    /// llama.cpp threads for decoding and prompt processing; `None`: see [`threads`].
+    pub threads: Option<u32>,
 }
 
 /// How a model spreads over several GPUs.
@@ -45,7 +45,7 @@ impl Default for LoadOptions {
             split_mode: SplitMode::Layer,
             cache_type_k: KvCacheType::F16,
             cache_type_v: KvCacheType::F16,
-            threads: 4,
+            threads: None,
         }
     }
 }
@@ -66,9 +66,7 @@ const ALL_LAYERS: u32 = 9999;
 pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<LlamaModel, EngineError> {
     let backend = init_backend()?;
     let started = Instant::now();
-    let gpu_layers = opts
-        .n_gpu_layers
-        .unwrap_or(if backend.has_gpu() { ALL_LAYERS } else { 0 });
+    let gpu_layers = gpu_layers(backend, opts);
     if gpu_layers > 0 {
         check_fits(path, opts)?;
     }
@@ -98,6 +96,35 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<LlamaModel, Engine
         "model loaded"
     );
     Ok(model)
+}
+
+fn gpu_layers(backend: &Backend, opts: &LoadOptions) -> u32 {
+    opts.n_gpu_layers
+        .unwrap_or(if backend.has_gpu() { ALL_LAYERS } else { 0 })
+}
+
+/// CPU threads of a model's contexts when none were asked for.
+/// With every layer on a GPU, the CPU only runs a few small ops per batch, and each one pays an
+/// OpenMP barrier across all threads: on the H200 machine, embedding MiniLM ran at 9.5k texts/s
+/// with 1 thread against 7.7k with 16.
+const THREADS_ALL_ON_GPU: u32 = 1;
+
+/// The threads for `model`'s contexts: the asked-for count, else every core, or
+/// [`THREADS_ALL_ON_GPU`] when the GPU holds every layer.
+pub(crate) fn threads(model: &LlamaModel, opts: &LoadOptions) -> i32 {
+    let n = opts.threads.unwrap_or_else(|| {
+        if all_on_gpu(model, opts) {
+            THREADS_ALL_ON_GPU
+        } else {
+            std::thread::available_parallelism().map_or(4, |n| n.get() as u32)
+        }
+    });
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Whether a GPU holds every layer of `model` (and its output layer).
+pub(crate) fn all_on_gpu(model: &LlamaModel, opts: &LoadOptions) -> bool {
+    init_backend().is_ok_and(|b| b.has_gpu() && gpu_layers(b, opts) > model.n_layer())
 }
 
 /// `CUDA0 (27/27 layers)`, or `CPU`.

@@ -130,6 +130,31 @@ impl<J> Jobs<J> {
     }
 }
 
+/// One queue drained by several engine threads of a model. The thread sleeping until a job
+/// comes holds the lock; the others, busy with batches of their own, only look (`next`
+/// never waits for the lock) and so never stall behind it.
+pub(crate) struct SharedJobs<J>(Mutex<Jobs<J>>);
+
+impl<J> SharedJobs<J> {
+    pub fn new(jobs: Jobs<J>) -> Self {
+        Self(Mutex::new(jobs))
+    }
+
+    /// The next job, sleeping until one comes; `None` once every handle is gone.
+    pub fn wait(&self) -> Option<J> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).wait()
+    }
+
+    /// The next job if one is waiting and no other thread is waiting for one.
+    pub fn next(&self) -> Option<J> {
+        match self.0.try_lock() {
+            Ok(mut jobs) => jobs.next(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().next(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
 /// Engine threads not yet finished: each owns a llama.cpp model and context, which must be
 /// freed before the process exits (a GPU backend aborts when its runtime is torn down first).
 static LIVE: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());

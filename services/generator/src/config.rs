@@ -2,7 +2,8 @@
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct GeneratorConfig {
-    /// llama.cpp threads (default: OMP_NUM_THREADS, else every core).
+    /// llama.cpp threads (default: OMP_NUM_THREADS, else every core, or one when every layer
+    /// is on a GPU).
     #[arg(long, env = "LLAMA_GENERATOR_THREADS")]
     pub threads: Option<usize>,
 
@@ -51,9 +52,9 @@ impl Default for GeneratorConfig {
 }
 
 impl GeneratorConfig {
-    pub fn threads(&self) -> usize {
+    pub fn threads(&self) -> Option<usize> {
         self.threads
-            .unwrap_or_else(llama_agent_models::device::default_threads)
+            .or_else(llama_agent_models::device::env_threads)
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -68,8 +68,8 @@ impl CacheType {
 }
 
 impl DeviceConfig {
-    /// The engine's load options with `threads` llama.cpp threads.
-    pub fn load_options(&self, threads: usize) -> LoadOptions {
+    /// The engine's load options with `threads` llama.cpp threads (`None`: the engine's choice).
+    pub fn load_options(&self, threads: Option<usize>) -> LoadOptions {
         LoadOptions {
             n_gpu_layers: self.n_gpu_layers,
             main_gpu: self.main_gpu,
@@ -80,19 +80,16 @@ impl DeviceConfig {
             },
             cache_type_k: self.cache_type_k.kv(),
             cache_type_v: self.cache_type_v.kv(),
-            threads: i32::try_from(threads).unwrap_or(i32::MAX),
+            threads: threads.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         }
     }
 }
 
 /// llama.cpp threads when `--threads` is not given: `OMP_NUM_THREADS` (as the seed guide
-/// says), else every core.
-pub fn default_threads() -> usize {
+/// says); without it the engine chooses (see `LoadOptions::threads`).
+pub fn env_threads() -> Option<usize> {
     std::env::var("OMP_NUM_THREADS")
         .ok()
         .and_then(|v| v.split(',').next()?.trim().parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get)
-        })
 }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::request::{EmbedRequest, Embedded, Pooling};
 use super::vectors::{cap_tokens, l2_normalize, pool};
-use crate::queue::Jobs;
+use crate::queue::SharedJobs;
 use crate::EngineError;
 
 pub(super) struct Job {
@@ -28,6 +28,7 @@ impl Job {
     }
 }
 
+#[derive(Clone)]
 pub(super) struct Limits {
     pub max_batch_tokens: usize,
     pub max_seqs: usize,
@@ -88,7 +89,7 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    pub fn serve(&mut self, mut rx: Jobs<Job>) {
+    pub fn serve(&mut self, rx: &SharedJobs<Job>) {
         loop {
             if self.active.is_empty() {
                 match rx.wait() {

@@ -1,5 +1,6 @@
 //! Embeddings: texts from any number of concurrent requests are packed, many sequences per
-//! llama.cpp batch up to a token budget, on one engine thread per model; vectors are pooled,
+//! llama.cpp batch up to a token budget, on one engine thread per model (or a few, each with its
+//! own context, sharing the model and its queue); vectors are pooled,
 //! truncated (Matryoshka) and normalized here, so a request may choose its own pooling.
 
 mod batcher;
@@ -7,5 +8,5 @@ mod engine;
 mod request;
 mod vectors;
 
-pub use engine::{EmbeddingEngine, EmbeddingOptions, Reply, MAX_SEQS};
+pub use engine::{EmbeddingEngine, EmbeddingOptions, Reply, MAX_CONTEXTS, MAX_SEQS};
 pub use request::{EmbedParams, EmbedRequest, Embedded, Pooling};

@@ -123,13 +123,14 @@ fn new_context<'m>(
     ctx_per_seq: u32,
 ) -> Result<LlamaContext<'m>, EngineError> {
     let n_ctx = ctx_per_seq * opts.parallel;
+    let threads = model::threads(model, &opts.load);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(opts.n_batch)
         .with_n_ubatch(opts.n_batch.min(512))
         .with_n_seq_max(opts.parallel)
-        .with_n_threads(opts.load.threads)
-        .with_n_threads_batch(opts.load.threads)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
         .with_type_k(opts.load.cache_type_k)
         .with_type_v(opts.load.cache_type_v)
         // A KV stream per sequence, not one pool: no sequence may outgrow ctx_per_seq anyway,
