@@ -11,6 +11,7 @@
 #                                 llama-server and llama-batched-bench
 #   scripts/gpu/bench.sh cpu      the same machine's CPU: 1 and 8 streams, GPU module left out
 #   scripts/gpu/bench.sh embed    llama-cli embed of 100k texts (MiniLM, Qwen3-Embedding shape)
+#                                 against llama-server --embeddings; MiniLM on the CPU too
 #   scripts/gpu/bench.sh all      every phase in order
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -125,7 +126,31 @@ embed() {
             --output "$W/out.parquet" --batch-size 256 2>"$W/embed-$model.err" || rc=$?
         t1=$(date +%s.%N)
         python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); print(f'{s:.1f} s wall, {100000/s:,.0f} texts/s, exit {sys.argv[3]}')" "$t0" "$t1" "$rc"
+        # The peer on the first 20k (MiniLM) or 10k texts: at its speed all 100k take minutes.
+        local n=20000 pool=()
+        [[ $model == qwen3* ]] && n=10000 pool=(--pooling last)
+        say "peer: llama-server --embeddings, $n texts, batches of 256, 4 in flight"
+        "$PEERS/llama-server" -m "$M/$model.gguf" --embeddings "${pool[@]}" -ngl 99 -np 8 -c 8192 \
+            -b 2048 -ub 2048 --port 18181 >"$W/peer-$model.log" 2>&1 &
+        local pid=$!
+        for _ in $(seq 240); do curl -sf localhost:18181/health >/dev/null 2>&1 && break; sleep 0.5; done
+        python3 "$ROOT/scripts/gpu/peer_embed.py" 18181 "$W/t100k.txt" "$n" 256 4
+        kill "$pid"; wait "$pid" 2>/dev/null || true
     done
+    say "CPU (GGML_CUDA=0; the peer with no visible GPU), 20k texts, MiniLM"
+    head -n 20000 "$W/t100k.txt" > "$W/t20k.txt"
+    local t0 t1
+    t0=$(date +%s.%N)
+    GGML_CUDA=0 "$BIN/llama-cli" embed --model "$M/minilm-q8_0.gguf" --input "$W/t20k.txt" \
+        --output "$W/out.parquet" --batch-size 256 2>/dev/null
+    t1=$(date +%s.%N)
+    python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); print(f'{s:.1f} s wall, {20000/s:,.0f} texts/s')" "$t0" "$t1"
+    CUDA_VISIBLE_DEVICES= "$PEERS/llama-server" -m "$M/minilm-q8_0.gguf" --embeddings -ngl 0 -np 8 \
+        -c 8192 -b 2048 -ub 2048 -t "$JOBS" --port 18181 >"$W/peer-cpu.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 240); do curl -sf localhost:18181/health >/dev/null 2>&1 && break; sleep 0.5; done
+    python3 "$ROOT/scripts/gpu/peer_embed.py" 18181 "$W/t20k.txt" 20000 256 4
+    kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
 case "${1:-all}" in
