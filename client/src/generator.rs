@@ -78,4 +78,55 @@ impl GeneratorClient {
         }
         Err(ClientError::Incomplete)
     }
+
+    /// The model's tokenizer: `req.text` as token ids (and pieces). Retried like `embed`.
+    pub async fn tokenize(
+        &self,
+        req: pb::TokenizeRequest,
+    ) -> Result<pb::TokenizeResponse, ClientError> {
+        let r = self
+            .retry
+            .run(|| {
+                let mut c = self.inner.clone();
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(crate::DEFAULT_DEADLINE);
+                async move { c.tokenize(request).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// The text of `req.ids`.
+    pub async fn detokenize(
+        &self,
+        req: pb::DetokenizeRequest,
+    ) -> Result<pb::DetokenizeResponse, ClientError> {
+        let r = self
+            .retry
+            .run(|| {
+                let mut c = self.inner.clone();
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(crate::DEFAULT_DEADLINE);
+                async move { c.detokenize(request).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// What `model` is, where it runs and how it is served (loading it when needed).
+    pub async fn model_info(&self, model: &str) -> Result<pb::GetModelInfoResponse, ClientError> {
+        let req = pb::GetModelInfoRequest {
+            model: model.to_string(),
+        };
+        let r = self
+            .retry
+            .run(|| {
+                let mut c = self.inner.clone();
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(crate::DEFAULT_DEADLINE);
+                async move { c.get_model_info(request).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
 }

@@ -200,6 +200,75 @@ async fn vectors_match_the_numpy_reference() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizer_matches_the_reference_and_model_info_describes_the_model() {
+    let stack = Stack::start(config()).await;
+    let c = &stack.client;
+    // The reference ids come from the model's own vocab.txt through the Python reference
+    // tokenizer (scripts/make-embedding-reference.py); [CLS]/[SEP] are the special tokens.
+    for row in reference().rows {
+        let t = c
+            .tokenize(pb::TokenizeRequest {
+                model: MINILM_REPO.into(),
+                text: row.text.clone(),
+                add_special: true,
+                with_pieces: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(t.ids, row.token_ids, "{:?}", row.text);
+        assert_eq!(t.pieces.len(), t.ids.len());
+        let d = c
+            .detokenize(pb::DetokenizeRequest {
+                model: MINILM_REPO.into(),
+                ids: t.ids,
+                render_special: true,
+            })
+            .await
+            .unwrap();
+        assert!(
+            d.text.starts_with("[CLS]") && d.text.ends_with("[SEP]"),
+            "{}",
+            d.text
+        );
+    }
+    let info = c.model_info(MINILM_REPO).await.unwrap();
+    let m = info.model.unwrap();
+    assert!(m.was_loaded, "the tokenize calls loaded it");
+    assert_eq!(m.md5, model_md5(MINILM_FILE));
+    assert_eq!(
+        (m.architecture.as_str(), m.quantization.as_str()),
+        ("bert", "F16")
+    );
+    assert_eq!(
+        (m.vocab_size, m.layers, m.embedding_length),
+        (30_522, 6, DIM as u32)
+    );
+    assert_eq!((info.dimensions as usize, info.causal), (DIM, false));
+    assert_eq!(info.pooling, pb::Pooling::Mean as i32);
+    assert_eq!(info.max_tokens_per_text, 512);
+    // An encoder on a CPU: 512-token batches of at most 64 texts, one context.
+    assert_eq!(
+        (
+            info.max_batch_tokens,
+            info.max_texts_per_batch,
+            info.contexts
+        ),
+        (512, 64, 1)
+    );
+    assert_eq!(m.placement, "CPU");
+    let bad = pb::DetokenizeRequest {
+        model: MINILM_REPO.into(),
+        ids: vec![-1],
+        render_special: false,
+    };
+    assert_eq!(
+        c.detokenize(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_size_and_packing_change_nothing() {
     // Exact attention on F32 weights: what is left is the engine's packing itself.
     let exact = EmbedderConfig {
@@ -803,4 +872,53 @@ fn cli_killed_half_way_resumes_with_every_row_once() {
         .unwrap();
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to resume"));
+}
+
+#[test]
+fn cli_tokenizes_and_describes_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = &reference().rows[0];
+    let out = cli(&dir.path().join("cache"))
+        .args([
+            "tokenize",
+            "--embedder",
+            "--add-special",
+            "--json",
+            "--model",
+        ])
+        .arg(model(MINILM_FILE))
+        .args(["--text", &row.text])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["ids"], serde_json::json!(row.token_ids));
+    let out = cli(&dir.path().join("cache"))
+        .args(["info", "--embedder", "--json", "--model"])
+        .arg(model(MINILM_FILE))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["md5"], model_md5(MINILM_FILE));
+    assert_eq!(
+        (info["dimensions"].as_u64(), info["pooling"].as_str()),
+        (Some(384), Some("mean"))
+    );
+    // Neither text nor file: a message and a failure, not a guess.
+    let out = cli(&dir.path().join("cache"))
+        .args(["tokenize", "--embedder", "--model"])
+        .arg(model(MINILM_FILE))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--text or --file"));
 }

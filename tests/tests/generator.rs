@@ -63,6 +63,8 @@ struct Fixture {
 struct Case {
     prompt: String,
     prompt_tokens: Vec<i32>,
+    /// llama-server's `/tokenize` pieces of the prompt.
+    prompt_pieces: Vec<String>,
     completion_tokens: Vec<i32>,
     completion_text: String,
     /// llama-server's stock run (it splits the prompt in two batches for SWA checkpoints).
@@ -153,6 +155,120 @@ async fn greedy_output_matches_llama_cpp_and_batched_streams_agree() {
             assert_eq!(b.token_ids, s.token_ids, "{:?}", case.prompt);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizer_matches_llama_server_and_model_info_describes_the_file() {
+    let stack = GeneratorStack::start(config(2, 4)).await.unwrap();
+    let g = &stack.generator;
+    let tokenize = |text: &str, add_special: bool, parse_special: bool| pb::TokenizeRequest {
+        model: GEMMA_REPO.into(),
+        text: text.into(),
+        add_special,
+        parse_special,
+        with_pieces: true,
+    };
+    let info = g.model_info(GEMMA_REPO).await.unwrap();
+    let m = info.model.clone().unwrap();
+    assert!(!m.was_loaded, "the first call loads the model");
+    for case in &fixture().cases {
+        // The fixture's ids and pieces are llama-server's /tokenize of the same prompt.
+        let t = g
+            .tokenize(tokenize(&case.prompt, true, false))
+            .await
+            .unwrap();
+        assert_eq!(t.ids, case.prompt_tokens, "{:?}", case.prompt);
+        let pieces: Vec<String> = t
+            .pieces
+            .iter()
+            .map(|p| String::from_utf8(p.clone()).unwrap())
+            .collect();
+        assert_eq!(pieces, case.prompt_pieces, "{:?}", case.prompt);
+        assert_eq!(t.model_md5, m.md5);
+        let d = g
+            .detokenize(pb::DetokenizeRequest {
+                model: GEMMA_REPO.into(),
+                ids: case.completion_tokens.clone(),
+                render_special: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(d.text, case.completion_text, "{:?}", case.prompt);
+    }
+    // Special-token text is text unless asked for; BOS only with add_special.
+    let plain = g
+        .tokenize(tokenize("<start_of_turn>user", false, false))
+        .await
+        .unwrap();
+    let parsed = g
+        .tokenize(tokenize("<start_of_turn>user", false, true))
+        .await
+        .unwrap();
+    assert_eq!(parsed.pieces[0], b"<start_of_turn>");
+    assert!(!plain.ids.contains(&parsed.ids[0]) && plain.ids.len() > parsed.ids.len());
+    let bos = m.special_tokens.unwrap().bos;
+    assert_eq!(
+        g.tokenize(tokenize("hi", true, false)).await.unwrap().ids[0],
+        bos
+    );
+    // An id outside the vocabulary is the caller's mistake, named; an empty list is "".
+    let bad = g
+        .detokenize(pb::DetokenizeRequest {
+            model: GEMMA_REPO.into(),
+            ids: vec![2, i32::MAX],
+            render_special: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.to_string().contains("position 1"), "{bad}");
+    let empty = pb::DetokenizeRequest {
+        model: GEMMA_REPO.into(),
+        ..Default::default()
+    };
+    assert_eq!(g.detokenize(empty).await.unwrap().text, "");
+    let no_model = pb::TokenizeRequest::default();
+    assert_eq!(code(g.tokenize(no_model).await), Code::InvalidArgument);
+
+    // What the file is (GGUF metadata of Gemma 3 270M, Q4_K_M) and how it is served.
+    let file = llama_agent_tests::support::GEMMA_FILE;
+    assert_eq!(m.md5, llama_agent_tests::support::model_md5(file));
+    assert_eq!(m.file, file);
+    assert_eq!(m.architecture, "gemma3");
+    assert_eq!(
+        (m.vocab_size, m.layers, m.embedding_length),
+        (262_144, 18, 640)
+    );
+    assert_eq!(m.context_length_trained, 32_768);
+    assert_eq!(m.quantization, "Q4_K_M");
+    assert!(
+        m.parameters > 250_000_000 && m.parameters < 300_000_000,
+        "{}",
+        m.parameters
+    );
+    assert_eq!((m.placement.as_str(), m.gpu_layers), ("CPU", 0));
+    assert!(m
+        .devices
+        .iter()
+        .any(|d| d.name == "CPU" && d.memory_total_bytes > 0));
+    assert_eq!((m.threads, m.cpu_variant.as_str()), (2, "haswell"));
+    assert!(
+        !info.has_chat_template,
+        "the base model carries no template"
+    );
+    assert_eq!((info.slots_total, info.context_length_served), (2, 512));
+    assert_eq!(info.kv_cells_total, 1024);
+    // A running stream holds a slot (admitted before its first token is sent); the fixture's
+    // first prompt runs 32 greedy tokens without an end token.
+    let case = &fixture().cases[0];
+    let mut stream = std::pin::pin!(g
+        .generate_stream(request(&case.prompt, 32, greedy()), None)
+        .await
+        .unwrap());
+    stream.next().await.unwrap().unwrap();
+    let busy = g.model_info(GEMMA_REPO).await.unwrap();
+    assert!(busy.model.unwrap().was_loaded);
+    assert_eq!(busy.slots_in_use, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 mod cache;
 mod embed;
 mod generate;
+mod inspect;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +60,10 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Embed texts from a .txt/.jsonl file (or stdin) into a Parquet file.
     Embed(Box<embed::EmbedArgs>),
+    /// What a model is, where it runs and how it is served (generator, or --embedder).
+    Info(inspect::InfoArgs),
+    /// A text as the model's token ids (and pieces).
+    Tokenize(inspect::TokenizeArgs),
 }
 
 fn main() {
@@ -95,6 +100,8 @@ impl Command {
             Command::Cache { .. } => "cache",
             Command::Generate(_) => "generate",
             Command::Embed(_) => "embed",
+            Command::Info(_) => "info",
+            Command::Tokenize(_) => "tokenize",
         }
     }
 }
@@ -129,6 +136,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Embed(args) => {
             embed::run(*args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
+        }
+        Command::Info(args) => {
+            inspect::info(args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
+        }
+        Command::Tokenize(args) => {
+            inspect::tokenize(args, async || {
                 loader_client(&cli.loader_endpoint, &cli.loader).await
             })
             .await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use llama_agent_engine::embed::{EmbedRequest, EmbeddingEngine};
 use llama_agent_engine::EngineError;
-use llama_agent_models::ModelPool;
+use llama_agent_models::{info, ModelPool};
 use llama_agent_proto::embedder::v1 as pb;
 use llama_agent_proto::embedder::v1::embedder_service_server::EmbedderService;
 use tonic::{Request, Response, Status, Streaming};
@@ -82,5 +82,66 @@ impl EmbedderService for EmbedderGrpc {
         tracing::Span::current().record("model", first.model.as_str());
         let out = crate::stream::start(&self.pool, first, inbound, deadline).await?;
         Ok(Response::new(out))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let (engine, info) = self.pool.get(&r.model).await.map_err(EmbedderError::from)?;
+        let tokenizer = engine.tokenizer().clone();
+        let (ids, pieces) = info::tokenize(
+            tokenizer,
+            r.text,
+            r.add_special,
+            r.parse_special,
+            r.with_pieces,
+        )
+        .await?;
+        Ok(Response::new(pb::TokenizeResponse {
+            ids,
+            pieces,
+            model_md5: info.md5,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let (engine, info) = self.pool.get(&r.model).await.map_err(EmbedderError::from)?;
+        let text = info::detokenize(engine.tokenizer().clone(), r.ids, r.render_special).await?;
+        Ok(Response::new(pb::DetokenizeResponse {
+            text,
+            model_md5: info.md5,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn get_model_info(
+        &self,
+        req: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::GetModelInfoResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let was_loaded = self.pool.is_loaded(&r.model);
+        let (engine, info) = self.pool.get(&r.model).await.map_err(EmbedderError::from)?;
+        let serving = engine.serving();
+        Ok(Response::new(pb::GetModelInfoResponse {
+            model: Some(info::served_model(engine.meta(), &info, was_loaded)),
+            dimensions: engine.dim() as u32,
+            pooling: pooling_pb(engine.pooling()) as i32,
+            max_tokens_per_text: engine.max_tokens_per_text(),
+            causal: serving.causal,
+            max_batch_tokens: serving.max_batch_tokens,
+            max_texts_per_batch: serving.max_seqs_per_batch,
+            contexts: serving.contexts,
+        }))
     }
 }

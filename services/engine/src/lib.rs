@@ -11,8 +11,11 @@ mod model;
 pub mod process;
 mod queue;
 pub mod text;
+mod tokenizer;
 
 pub use backend::init_backend;
+pub use backend::{devices, Device};
 pub use error::EngineError;
 pub use llama_cpp_2::context::params::KvCacheType;
-pub use model::{LoadOptions, ModelMeta, SplitMode};
+pub use model::{LoadOptions, ModelMeta, SpecialTokens, SplitMode};
+pub use tokenizer::Tokenizer;

@@ -50,14 +50,41 @@ impl Default for LoadOptions {
     }
 }
 
-/// What a loaded model is, for answers and validation.
+/// What a loaded model is and where it runs, for answers and validation.
 #[derive(Clone, Debug)]
 pub struct ModelMeta {
     pub n_ctx_train: u32,
     pub n_embd: i32,
     pub n_vocab: i32,
+    pub n_layer: u32,
+    pub n_params: u64,
+    /// Bytes of the weights.
+    pub size: u64,
+    /// The weight type `general.file_type` names (`Q4_K_M`), or empty.
+    pub quantization: String,
     pub has_chat_template: bool,
     pub architecture: String,
+    pub special: SpecialTokens,
+    /// Layers on a GPU, of `n_layer + 1` (the output layer counts).
+    pub gpu_layers: u32,
+    /// `CUDA0 (27/27 layers)` or `CPU`.
+    pub placement: String,
+    pub cpu_variant: String,
+    /// llama.cpp threads of each context.
+    pub threads: u32,
+}
+
+/// A model's special tokens; -1 where it has none.
+#[derive(Clone, Copy, Debug)]
+pub struct SpecialTokens {
+    pub bos: i32,
+    pub eos: i32,
+    pub eot: i32,
+    pub sep: i32,
+    pub nl: i32,
+    pub pad: i32,
+    pub add_bos: bool,
+    pub add_eos: bool,
 }
 
 /// llama.cpp's "every layer" (more than any model has; the output layer counts too).
@@ -172,14 +199,74 @@ fn check_fits(path: &Path, opts: &LoadOptions) -> Result<(), EngineError> {
     Ok(())
 }
 
-pub(crate) fn meta(model: &LlamaModel) -> ModelMeta {
+pub(crate) fn meta(model: &LlamaModel, opts: &LoadOptions) -> ModelMeta {
+    let vocab = model.vocab();
+    let id = |t: llama_cpp_2::token::LlamaToken| if t.0 < 0 { -1 } else { t.0 };
+    let (gpu_layers, placement, cpu_variant) = match init_backend() {
+        Ok(b) => {
+            let n = gpu_layers(b, opts).min(model.n_layer() + 1);
+            let n = if b.has_gpu() { n } else { 0 };
+            (n, placement(b, model, n), b.cpu_variant.clone())
+        }
+        Err(_) => (0, "CPU".into(), String::new()),
+    };
     ModelMeta {
         n_ctx_train: model.n_ctx_train(),
         n_embd: model.n_embd(),
         n_vocab: model.n_vocab(),
+        n_layer: model.n_layer(),
+        n_params: model.n_params(),
+        size: model.size(),
+        quantization: model
+            .meta_val_str("general.file_type")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .map(file_type_name)
+            .unwrap_or_default(),
         has_chat_template: model.chat_template(None).is_ok(),
         architecture: model
             .meta_val_str("general.architecture")
             .unwrap_or_default(),
+        special: SpecialTokens {
+            bos: id(vocab.bos()),
+            eos: id(vocab.eos()),
+            eot: id(vocab.eot()),
+            sep: id(vocab.sep()),
+            nl: id(vocab.nl()),
+            pad: id(vocab.pad()),
+            add_bos: vocab.should_add_bos(),
+            add_eos: vocab.should_add_eos(),
+        },
+        gpu_layers,
+        placement,
+        cpu_variant,
+        threads: threads(model, opts).max(0) as u32,
     }
+}
+
+/// llama.h's `llama_ftype` values by name (the common ones; others print as a number).
+fn file_type_name(t: u32) -> String {
+    let name = match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        25 => "IQ4_NL",
+        30 => "IQ4_XS",
+        32 => "BF16",
+        _ => return format!("file type {t}"),
+    };
+    name.to_string()
 }

@@ -8,7 +8,7 @@ use llama_agent_engine::generate::{
     ChatMessage, FinishReason, GenDone, GenEvent, GenRequest, GenerationEngine, Prompt, Sampling,
 };
 use llama_agent_engine::EngineError;
-use llama_agent_models::ModelPool;
+use llama_agent_models::{info, ModelPool};
 use llama_agent_proto::generator::v1 as pb;
 use llama_agent_proto::generator::v1::generator_service_server::GeneratorService;
 use tonic::{Request, Response, Status};
@@ -104,6 +104,85 @@ impl GeneratorService for GeneratorGrpc {
         };
         Ok(Response::new(Box::pin(stream)))
     }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let (engine, info) = self
+            .pool
+            .get(&r.model)
+            .await
+            .map_err(GeneratorError::from)?;
+        let tokenizer = engine.tokenizer().clone();
+        let (ids, pieces) = info::tokenize(
+            tokenizer,
+            r.text,
+            r.add_special,
+            r.parse_special,
+            r.with_pieces,
+        )
+        .await?;
+        Ok(Response::new(pb::TokenizeResponse {
+            ids,
+            pieces,
+            model_md5: info.md5,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let (engine, info) = self
+            .pool
+            .get(&r.model)
+            .await
+            .map_err(GeneratorError::from)?;
+        let text = info::detokenize(engine.tokenizer().clone(), r.ids, r.render_special).await?;
+        Ok(Response::new(pb::DetokenizeResponse {
+            text,
+            model_md5: info.md5,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn get_model_info(
+        &self,
+        req: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::GetModelInfoResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let was_loaded = self.pool.is_loaded(&r.model);
+        let (engine, info) = self
+            .pool
+            .get(&r.model)
+            .await
+            .map_err(GeneratorError::from)?;
+        let o = engine.occupancy();
+        Ok(Response::new(pb::GetModelInfoResponse {
+            model: Some(info::served_model(engine.meta(), &info, was_loaded)),
+            has_chat_template: engine.meta().has_chat_template,
+            slots_total: o.slots_total,
+            slots_in_use: o.slots_in_use,
+            context_length_served: o.ctx_per_seq,
+            kv_cells_used: o.kv_cells_used,
+            kv_cells_total: o.kv_cells_total,
+        }))
+    }
+}
+
+fn require_model(model: &str) -> Result<(), GeneratorError> {
+    if model.trim().is_empty() {
+        return Err(GeneratorError::Invalid("model is required".into()));
+    }
+    Ok(())
 }
 
 fn done_message(d: &GenDone, md5: &str, reference: &str) -> pb::GenerateResponse {

@@ -4,6 +4,7 @@
 //! Models already loaded keep serving when the loader is unreachable.
 
 pub mod device;
+pub mod info;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -288,6 +289,14 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
                 .await
                 .map_err(|(model, e)| format!("preloading {model}: {e}"))
         })
+    }
+
+    /// Whether `reference` (as a request names it) is loaded now.
+    pub fn is_loaded(&self, reference: &str) -> bool {
+        let st = self.lock();
+        st.aliases
+            .get(reference)
+            .is_some_and(|key| st.loaded.contains_key(key))
     }
 
     /// Models loaded now, most recently used first.

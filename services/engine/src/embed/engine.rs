@@ -3,6 +3,7 @@
 
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::Arc;
 
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::context::LlamaContext;
@@ -13,7 +14,7 @@ use super::batcher::{Batcher, Job, Limits};
 use super::request::{EmbedRequest, Embedded, Pooling};
 use crate::model::{self, LoadOptions, ModelMeta};
 use crate::queue::{or_report, Jobs, Queue, ReadyTx, SharedJobs};
-use crate::{init_backend, EngineError};
+use crate::{init_backend, EngineError, Tokenizer};
 
 /// llama.cpp's limit on sequence ids in one context (LLAMA_MAX_SEQ).
 pub const MAX_SEQS: u32 = 256;
@@ -48,21 +49,35 @@ pub struct EmbeddingOptions {
 
 pub type Reply = oneshot::Receiver<Result<Embedded, EngineError>>;
 
-/// A loaded embedding model with its context, on its own thread.
+/// A loaded embedding model with its contexts, on their own threads.
 pub struct EmbeddingEngine {
+    // Dropped before `jobs`: see `Tokenizer`.
+    tokenizer: Tokenizer,
     jobs: Queue<Job>,
     meta: ModelMeta,
     dim: usize,
     pooling: Pooling,
     max_tokens_per_text: u32,
+    serving: Serving,
 }
 
-/// What the engine thread reports once the model and context are ready.
+/// How an embedding model is served: its batch shape and contexts.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving {
+    pub causal: bool,
+    pub max_batch_tokens: u32,
+    pub max_seqs_per_batch: u32,
+    pub contexts: u32,
+}
+
+/// What the engine thread reports once the model and contexts are ready.
 struct Ready {
     meta: ModelMeta,
     dim: usize,
     pooling: Pooling,
     max_tokens_per_text: u32,
+    serving: Serving,
+    tokenizer: Tokenizer,
 }
 
 impl EmbeddingEngine {
@@ -93,12 +108,22 @@ impl EmbeddingEngine {
             move |path, jobs, ready| run(path, opts, jobs, ready),
         )?;
         Ok(Self {
+            tokenizer: ready.tokenizer,
             jobs,
             meta: ready.meta,
             dim: ready.dim,
             pooling: ready.pooling,
             max_tokens_per_text: ready.max_tokens_per_text,
+            serving: ready.serving,
         })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn serving(&self) -> Serving {
+        self.serving
     }
 
     pub fn meta(&self) -> &ModelMeta {
@@ -170,7 +195,8 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
     let Some(model) = or_report(model::load(path, &opts.load), &ready) else {
         return;
     };
-    let meta = model::meta(&model);
+    let model = Arc::new(model);
+    let meta = model::meta(&model, &opts.load);
     let causal = is_causal(&model, &meta.architecture);
     let on_gpu = model::all_on_gpu(&model, &opts.load);
     let shape = BatchShape::for_model(&opts, causal, on_gpu);
@@ -191,6 +217,13 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
         dim: limits.dim,
         pooling: limits.pooling,
         max_tokens_per_text: limits.max_tokens_per_text as u32,
+        serving: Serving {
+            causal,
+            max_batch_tokens: shape.tokens,
+            max_seqs_per_batch: shape.seqs,
+            contexts,
+        },
+        tokenizer: Tokenizer::new(Arc::clone(&model)),
     };
     tracing::debug!(?shape, contexts, causal, "embedding engine");
     let jobs = SharedJobs::new(rx);
@@ -200,7 +233,7 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
         let (made_tx, made_rx) = std::sync::mpsc::channel();
         for i in 1..contexts {
             let made = made_tx.clone();
-            let (model, opts, jobs, limits) = (&model, &opts, &jobs, limits.clone());
+            let (model, opts, jobs, limits) = (&*model, &opts, &jobs, limits.clone());
             let spawned = std::thread::Builder::new()
                 .name(helper_name(i))
                 .spawn_scoped(scope, move || match new_context(model, opts, shape) {

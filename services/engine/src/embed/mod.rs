@@ -8,5 +8,5 @@ mod engine;
 mod request;
 mod vectors;
 
-pub use engine::{EmbeddingEngine, EmbeddingOptions, Reply, MAX_CONTEXTS, MAX_SEQS};
+pub use engine::{EmbeddingEngine, EmbeddingOptions, Reply, Serving, MAX_CONTEXTS, MAX_SEQS};
 pub use request::{EmbedParams, EmbedRequest, Embedded, Pooling};

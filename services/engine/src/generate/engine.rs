@@ -2,6 +2,8 @@
 
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -16,7 +18,7 @@ use super::sample::{pick_all, Picker};
 use super::slot::{Phase, Slot};
 use crate::model::{self, LoadOptions, ModelMeta};
 use crate::queue::{or_report, Jobs, Queue, ReadyTx};
-use crate::{init_backend, EngineError};
+use crate::{init_backend, EngineError, Tokenizer};
 
 /// Events buffered per request before the engine coalesces text for a slow reader.
 const EVENTS_PER_REQUEST: usize = 32;
@@ -42,9 +44,36 @@ struct Job {
 
 /// A loaded model with its context, on its own thread.
 pub struct GenerationEngine {
+    // Dropped before `jobs`: see `Tokenizer`.
+    tokenizer: Tokenizer,
     jobs: Queue<Job>,
     meta: ModelMeta,
     ctx_per_seq: u32,
+    parallel: u32,
+    load: Arc<Occupancy>,
+}
+
+/// What the engine thread holds now, for model info: written after every step.
+#[derive(Default)]
+struct Occupancy {
+    slots_in_use: AtomicU32,
+    kv_cells_used: AtomicU64,
+}
+
+/// Slots and KV cells of a generation engine.
+#[derive(Clone, Copy, Debug)]
+pub struct GenOccupancy {
+    pub slots_total: u32,
+    pub slots_in_use: u32,
+    pub ctx_per_seq: u32,
+    pub kv_cells_used: u64,
+    pub kv_cells_total: u64,
+}
+
+struct Ready {
+    meta: ModelMeta,
+    ctx_per_seq: u32,
+    tokenizer: Tokenizer,
 }
 
 impl GenerationEngine {
@@ -55,17 +84,38 @@ impl GenerationEngine {
                 "parallel, batch size and queue must be at least 1".into(),
             ));
         }
-        let (jobs, (meta, ctx_per_seq)) = Queue::spawn(
+        let parallel = opts.parallel;
+        let load = Arc::new(Occupancy::default());
+        let shared = Arc::clone(&load);
+        let (jobs, ready) = Queue::spawn(
             ("gen", "generate"),
             path,
             opts.queue,
-            move |path, jobs, ready| run(path, opts, jobs, ready),
+            move |path, jobs, ready| run(path, opts, jobs, ready, shared),
         )?;
         Ok(Self {
+            tokenizer: ready.tokenizer,
             jobs,
-            meta,
-            ctx_per_seq,
+            meta: ready.meta,
+            ctx_per_seq: ready.ctx_per_seq,
+            parallel,
+            load,
         })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Slots and KV cells in use as of the engine's last step.
+    pub fn occupancy(&self) -> GenOccupancy {
+        GenOccupancy {
+            slots_total: self.parallel,
+            slots_in_use: self.load.slots_in_use.load(Ordering::Relaxed),
+            ctx_per_seq: self.ctx_per_seq,
+            kv_cells_used: self.load.kv_cells_used.load(Ordering::Relaxed),
+            kv_cells_total: u64::from(self.parallel) * u64::from(self.ctx_per_seq),
+        }
     }
 
     pub fn meta(&self) -> &ModelMeta {
@@ -90,11 +140,18 @@ impl GenerationEngine {
     }
 }
 
-fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelMeta, u32)>) {
+fn run(
+    path: &Path,
+    opts: GenerateOptions,
+    rx: Jobs<Job>,
+    ready: ReadyTx<Ready>,
+    load: Arc<Occupancy>,
+) {
     let Some(model) = or_report(model::load(path, &opts.load), &ready) else {
         return;
     };
-    let meta = model::meta(&model);
+    let model = Arc::new(model);
+    let meta = model::meta(&model, &opts.load);
     let ctx_per_seq = match opts.ctx_per_seq {
         0 => meta.n_ctx_train.min(4096),
         n => n.min(meta.n_ctx_train),
@@ -102,7 +159,12 @@ fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelM
     let Some(ctx) = or_report(new_context(&model, &opts, ctx_per_seq), &ready) else {
         return;
     };
-    if ready.send(Ok((meta, ctx_per_seq))).is_err() {
+    let info = Ready {
+        meta,
+        ctx_per_seq,
+        tokenizer: Tokenizer::new(Arc::clone(&model)),
+    };
+    if ready.send(Ok(info)).is_err() {
         return;
     }
     let mut engine = Engine {
@@ -113,6 +175,7 @@ fn run(path: &Path, opts: GenerateOptions, rx: Jobs<Job>, ready: ReadyTx<(ModelM
         n_batch: opts.n_batch as usize,
         ctx_per_seq: ctx_per_seq as usize,
         sampling_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load,
     };
     engine.serve(rx);
 }
@@ -151,6 +214,7 @@ struct Engine<'m> {
     ctx_per_seq: usize,
     /// Threads that may pick tokens at once when many sequences generate.
     sampling_threads: usize,
+    load: Arc<Occupancy>,
 }
 
 impl Engine<'_> {
@@ -172,6 +236,7 @@ impl Engine<'_> {
                 self.admit(free, job);
             }
             self.retire();
+            self.publish_occupancy();
             if self
                 .slots
                 .iter()
@@ -184,6 +249,13 @@ impl Engine<'_> {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
         }
+    }
+
+    fn publish_occupancy(&self) {
+        let slots = self.slots.iter().flatten();
+        let (n, cells) = slots.fold((0u32, 0u64), |(n, c), s| (n + 1, c + s.n_past as u64));
+        self.load.slots_in_use.store(n, Ordering::Relaxed);
+        self.load.kv_cells_used.store(cells, Ordering::Relaxed);
     }
 
     fn admit(&mut self, seq: usize, job: Job) {

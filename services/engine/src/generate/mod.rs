@@ -6,5 +6,5 @@ mod request;
 mod sample;
 mod slot;
 
-pub use engine::{GenerateOptions, GenerationEngine};
+pub use engine::{GenOccupancy, GenerateOptions, GenerationEngine};
 pub use request::{ChatMessage, FinishReason, GenDone, GenEvent, GenRequest, Prompt, Sampling};
