@@ -269,6 +269,54 @@ async fn tokenizer_matches_the_reference_and_model_info_describes_the_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instruction_and_prefix_go_before_each_text() {
+    let stack = Stack::start(config()).await;
+    let texts: Vec<String> = reference().rows.iter().map(|r| r.text.clone()).collect();
+    let embed = |texts: Vec<String>, instruction: &str, prefix: &str| {
+        let options = pb::EmbedOptions {
+            instruction: instruction.into(),
+            prefix: prefix.into(),
+            ..Default::default()
+        };
+        let req = request(&texts, options);
+        let c = stack.client.clone();
+        async move { rows(&c.embed(req).await.unwrap()) }
+    };
+    let task = "Given a question, find passages that answer it";
+    let instructed = embed(texts.clone(), task, "").await;
+    let spelled: Vec<String> = texts
+        .iter()
+        .map(|t| format!("Instruct: {task}\nQuery:{t}"))
+        .collect();
+    let by_hand = embed(spelled, "", "").await;
+    assert_same_vectors(
+        &instructed,
+        &by_hand,
+        F16_TOLERANCE,
+        "instruction vs spelled out",
+    );
+    let plain = embed(texts.clone(), "", "").await;
+    assert!(plain[0]
+        .iter()
+        .zip(&instructed[0])
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+    let prefixed = embed(texts.clone(), "", "query: ").await;
+    let spelled: Vec<String> = texts.iter().map(|t| format!("query: {t}")).collect();
+    let by_hand = embed(spelled, "", "").await;
+    assert_same_vectors(&prefixed, &by_hand, F16_TOLERANCE, "prefix vs spelled out");
+    let huge = pb::EmbedOptions {
+        instruction: "x".repeat(5000),
+        ..Default::default()
+    };
+    let err = stack.client.embed(request(&texts, huge)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.to_string().contains("instruction has 5000 bytes"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_size_and_packing_change_nothing() {
     // Exact attention on F32 weights: what is left is the engine's packing itself.
     let exact = EmbedderConfig {
@@ -677,7 +725,7 @@ fn cli(cache: &Path) -> Command {
 /// What pyarrow sees in a Parquet file.
 fn pyarrow_summary(path: &Path) -> serde_json::Value {
     let script = r#"
-import json, sys
+import hashlib, json, sys
 import pyarrow.parquet as pq
 f = pq.ParquetFile(sys.argv[1])
 t = f.read()
@@ -691,6 +739,9 @@ print(json.dumps({
     "n_tokens": t.column("n_tokens").to_pylist(),
     "truncated": t.column("truncated").to_pylist(),
     "first": emb[0].as_py() if t.num_rows else None,
+    "text_md5_matches": "text" in t.schema.names and all(
+        hashlib.md5(x.encode()).hexdigest() == m
+        for x, m in zip(t.column("text").to_pylist(), t.column("text_md5").to_pylist())),
 }))
 "#;
     let out = Command::new(repo_root().join(".venv/bin/python"))
@@ -765,6 +816,11 @@ fn cli_embeds_into_parquet_that_pyarrow_reads() {
     );
     assert_eq!(s["schema"]["n_tokens"], "int32");
     assert_eq!(s["schema"]["truncated"], "bool");
+    assert_eq!(s["schema"]["text_md5"], "string");
+    assert_eq!(
+        s["text_md5_matches"], true,
+        "text_md5 is Python's md5 of each text"
+    );
     assert_eq!(s["meta"]["model_md5"], model_md5(MINILM_FILE));
     assert_eq!(s["meta"]["pooling"], "mean");
     assert_eq!(s["meta"]["normalized"], "true");

@@ -83,6 +83,13 @@ pub struct EmbedArgs {
     /// Keep the first N dimensions (Matryoshka models), renormalized.
     #[arg(long, default_value_t = 0)]
     dimensions: u32,
+    /// Task of an instruction-tuned embedder (Qwen3-Embedding): each text is embedded as
+    /// `Instruct: TASK\nQuery:TEXT`. For queries; embed documents without it.
+    #[arg(long, default_value = "")]
+    instruction: String,
+    /// Literal text before each text (`query: ` for E5, `search_query: ` for nomic-embed).
+    #[arg(long, default_value = "")]
+    prefix: String,
     /// Rows per Parquet row group (and per resume checkpoint).
     #[arg(long, default_value_t = 4096)]
     row_group_rows: usize,
@@ -128,6 +135,8 @@ impl EmbedArgs {
             pooling: pooling as i32,
             dimensions: self.dimensions,
             dtype: pb::DType::F32 as i32,
+            instruction: self.instruction.clone(),
+            prefix: self.prefix.clone(),
         }
     }
 

@@ -40,9 +40,31 @@ pub fn params(
             max_length: o.max_length,
             truncate: o.truncate.unwrap_or(true),
             dimensions: o.dimensions,
+            prefix: text_prefix(&o.instruction, &o.prefix)?,
         },
         dtype,
     ))
+}
+
+/// Longest instruction or prefix: a task description, not a document.
+const MAX_PREFIX_BYTES: usize = 4096;
+
+/// What goes before each text: the instruction in the form instruction-tuned embedders are
+/// trained on (Qwen3-Embedding's model card: `Instruct: {task}\nQuery:{query}`), then the
+/// literal prefix.
+fn text_prefix(instruction: &str, prefix: &str) -> Result<String, EmbedderError> {
+    for (what, s) in [("instruction", instruction), ("prefix", prefix)] {
+        if s.len() > MAX_PREFIX_BYTES {
+            return Err(EmbedderError::Invalid(format!(
+                "{what} has {} bytes, more than {MAX_PREFIX_BYTES}",
+                s.len()
+            )));
+        }
+    }
+    Ok(match instruction {
+        "" => prefix.to_string(),
+        i => format!("Instruct: {i}\nQuery:{prefix}"),
+    })
 }
 
 /// The request's texts, or why they cannot be embedded.

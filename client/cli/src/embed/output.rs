@@ -13,6 +13,7 @@ use arrow_array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, RecordBatch, StringArray,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use md5::Digest;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{
     encode_arrow_schema, ArrowSchemaConverter, ArrowWriter, ARROW_SCHEMA_META_KEY,
@@ -212,6 +213,9 @@ impl Output {
         if with_text {
             fields.push(Field::new("text", DataType::Utf8, false));
         }
+        // MD5 of the text's UTF-8 bytes, lowercase hex: for de-duplication and joins, also
+        // when the text itself is left out.
+        fields.push(Field::new("text_md5", DataType::Utf8, false));
         fields.push(Field::new(
             "embedding",
             DataType::FixedSizeList(
@@ -284,6 +288,10 @@ impl Output {
                 rows.iter().map(|r| r.text.as_str()),
             )));
         }
+        cols.push(Arc::new(StringArray::from_iter_values(
+            rows.iter()
+                .map(|r| hex::encode(md5::Md5::digest(r.text.as_bytes()))),
+        )));
         cols.push(Arc::new(FixedSizeListArray::try_new(
             item,
             dim,

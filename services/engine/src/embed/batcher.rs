@@ -170,7 +170,12 @@ impl<'m> Batcher<'m> {
         let mut truncated = Vec::with_capacity(req.texts.len());
         for (row, text) in req.texts.iter().enumerate() {
             // Special-token text in user input stays text ("[SEP]" is not a separator).
-            let mut t = vocab.tokenize(text.as_bytes(), true, false);
+            let mut t = if p.prefix.is_empty() {
+                vocab.tokenize(text.as_bytes(), true, false)
+            } else {
+                let whole = format!("{}{text}", p.prefix);
+                vocab.tokenize(whole.as_bytes(), true, false)
+            };
             if t.is_empty() {
                 return Err(EngineError::InvalidRequest(format!(
                     "text {row} has no tokens for this model"

@@ -34,6 +34,8 @@ pub struct EmbedParams {
     pub truncate: bool,
     /// Keep the first N dimensions (0 = all); renormalized when `normalize`.
     pub dimensions: u32,
+    /// Text put before each text before it is tokenized (an instruction, a `query: ` prefix).
+    pub prefix: String,
 }
 
 impl Default for EmbedParams {
@@ -44,6 +46,7 @@ impl Default for EmbedParams {
             max_length: 0,
             truncate: true,
             dimensions: 0,
+            prefix: String::new(),
         }
     }
 }
