@@ -85,7 +85,10 @@ impl EmbedderClient {
         ))
     }
 
-    /// The model's tokenizer: `req.text` as token ids (and pieces). Retried like `embed`.
+    /// The model's tokenizer: `req.text` as token ids (and pieces), retried on UNAVAILABLE
+    /// and RESOURCE_EXHAUSTED (it changes nothing).
+    /// These calls have no deadline: the service loads the model first when needed (a
+    /// download, then a load), as `ensure` and `generate` do.
     pub async fn tokenize(
         &self,
         req: pb::TokenizeRequest,
@@ -94,8 +97,7 @@ impl EmbedderClient {
             .retry
             .run(|| {
                 let mut c = self.inner.clone();
-                let mut request = tonic::Request::new(req.clone());
-                request.set_timeout(self.deadline);
+                let request = req.clone();
                 async move { c.tokenize(request).await }
             })
             .await?;
@@ -111,8 +113,7 @@ impl EmbedderClient {
             .retry
             .run(|| {
                 let mut c = self.inner.clone();
-                let mut request = tonic::Request::new(req.clone());
-                request.set_timeout(self.deadline);
+                let request = req.clone();
                 async move { c.detokenize(request).await }
             })
             .await?;
@@ -128,8 +129,7 @@ impl EmbedderClient {
             .retry
             .run(|| {
                 let mut c = self.inner.clone();
-                let mut request = tonic::Request::new(req.clone());
-                request.set_timeout(self.deadline);
+                let request = req.clone();
                 async move { c.get_model_info(request).await }
             })
             .await?;

@@ -79,7 +79,10 @@ impl GeneratorClient {
         Err(ClientError::Incomplete)
     }
 
-    /// The model's tokenizer: `req.text` as token ids (and pieces). Retried like `embed`.
+    /// The model's tokenizer: `req.text` as token ids (and pieces), retried on UNAVAILABLE
+    /// and RESOURCE_EXHAUSTED (it changes nothing).
+    /// These calls have no deadline: the service loads the model first when needed (a
+    /// download, then a load), as `ensure` and `generate` do.
     pub async fn tokenize(
         &self,
         req: pb::TokenizeRequest,
@@ -88,8 +91,7 @@ impl GeneratorClient {
             .retry
             .run(|| {
                 let mut c = self.inner.clone();
-                let mut request = tonic::Request::new(req.clone());
-                request.set_timeout(crate::DEFAULT_DEADLINE);
+                let request = req.clone();
                 async move { c.tokenize(request).await }
             })
             .await?;
@@ -105,8 +107,7 @@ impl GeneratorClient {
             .retry
             .run(|| {
                 let mut c = self.inner.clone();
-                let mut request = tonic::Request::new(req.clone());
-                request.set_timeout(crate::DEFAULT_DEADLINE);
+                let request = req.clone();
                 async move { c.detokenize(request).await }
             })
             .await?;
@@ -122,8 +123,7 @@ impl GeneratorClient {
             .retry
             .run(|| {
                 let mut c = self.inner.clone();
-                let mut request = tonic::Request::new(req.clone());
-                request.set_timeout(crate::DEFAULT_DEADLINE);
+                let request = req.clone();
                 async move { c.get_model_info(request).await }
             })
             .await?;
