@@ -100,9 +100,10 @@ generate() {
     for model in gemma3-1b gemma3-4b; do
         local streams=1,16,64
         [[ $model == gemma3-4b ]] && streams=1
-        say "$model: llama-agent vs llama-bench / llama-server (GPU, all layers)"
+        # One CPU thread on both sides: ours by default when the GPU holds every layer.
+        say "$model: llama-agent vs llama-bench / llama-server (GPU, all layers, 1 CPU thread)"
         "$BIN/bench-generate" --model "$M/$model-Q4_K_M.gguf" --llama-bin "$PEERS" --ngl 99 \
-            --threads 8 --tokens 128 --streams "$streams" --ctx-size 1024
+            --threads 1 --tokens 128 --streams "$streams" --ctx-size 1024
     done
     say "llama-batched-bench (decode ceiling; 1B, 16-token prompts, 128 generated)"
     "$PEERS/llama-batched-bench" -m "$M/gemma3-1b-Q4_K_M.gguf" -ngl 99 -c 65536 -b 2048 -ub 512 \
