@@ -46,6 +46,11 @@ function(llama_agent_apply_patches)
     llama_agent_patch(llama src/llama-context.cpp
         "bool has_logits     = true;"
         "bool has_logits     = !cparams.embeddings;")
+    # A grammar that does not parse is reported on stderr only, with the whole grammar after it;
+    # the log callback carries the reason to the request that sent the grammar instead.
+    llama_agent_patch(llama src/llama-grammar.cpp
+        [=[fprintf(stderr, "%s: error parsing grammar: %s\n\n%s\n", __func__, err.what(), src);]=]
+        [=[LLAMA_LOG_ERROR("%s: error parsing grammar: %s\n", __func__, err.what());]=])
 endfunction()
 
 # Runs when llama.cpp's top-level CMakeLists.txt is done, so the targets exist.

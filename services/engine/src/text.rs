@@ -107,6 +107,19 @@ fn suffix_prefix_len(text: &str, stop: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// `text` cut to at most `max` bytes on a character boundary, with `…` when cut: for error
+/// messages that quote a caller's input or llama.cpp's view of it.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +154,11 @@ mod tests {
         assert_eq!(m.finish(), "é");
         let mut m = StopMatcher::new(vec![String::new()]);
         assert_eq!(m.push("x"), StopOutcome::Emit("x".into()));
+    }
+
+    #[test]
+    fn truncate_cuts_on_a_character_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("ééé", 3), "é…");
     }
 }

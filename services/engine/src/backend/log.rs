@@ -19,6 +19,18 @@ pub fn install() {
 thread_local! {
     /// A line arrives in pieces (CONT); it is logged whole, once it ends.
     static LINE: RefCell<(String, bool)> = const { RefCell::new((String::new(), false)) };
+    /// The first error line logged on this thread since `take_first_error`: llama.cpp reports
+    /// why it refused something (a grammar that does not parse) only in its log, synchronously
+    /// on the caller's thread, and returns null.
+    static FIRST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Longest error line kept: llama.cpp's messages may quote the rest of a caller's input.
+const MAX_ERROR_BYTES: usize = 300;
+
+/// The first error llama.cpp logged on this thread since the last call, then forgets it.
+pub fn take_first_error() -> Option<String> {
+    FIRST_ERROR.with_borrow_mut(Option::take)
 }
 
 unsafe extern "C" fn forward(level: ggml_log_level, text: *const c_char, _: *mut c_void) {
@@ -37,6 +49,9 @@ unsafe extern "C" fn forward(level: ggml_log_level, text: *const c_char, _: *mut
             if !text.is_empty() {
                 if *error {
                     tracing::warn!(target: "llama.cpp", "{text}");
+                    FIRST_ERROR.with_borrow_mut(|first| {
+                        first.get_or_insert_with(|| crate::text::truncate(text, MAX_ERROR_BYTES));
+                    });
                 } else {
                     tracing::debug!(target: "llama.cpp", "{text}");
                 }

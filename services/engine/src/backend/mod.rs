@@ -6,6 +6,8 @@
 mod cpu;
 mod log;
 
+pub(crate) use log::take_first_error;
+
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
