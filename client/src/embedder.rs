@@ -93,15 +93,13 @@ impl EmbedderClient {
         &self,
         req: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, ClientError> {
-        let r = self
-            .retry
-            .run(|| {
-                let mut c = self.inner.clone();
-                let request = req.clone();
-                async move { c.tokenize(request).await }
-            })
-            .await?;
-        Ok(r.into_inner())
+        self.retry
+            .unary(
+                &self.inner,
+                req,
+                |mut c, r| async move { c.tokenize(r).await },
+            )
+            .await
     }
 
     /// The text of `req.ids`.
@@ -109,15 +107,13 @@ impl EmbedderClient {
         &self,
         req: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeResponse, ClientError> {
-        let r = self
-            .retry
-            .run(|| {
-                let mut c = self.inner.clone();
-                let request = req.clone();
-                async move { c.detokenize(request).await }
-            })
-            .await?;
-        Ok(r.into_inner())
+        self.retry
+            .unary(
+                &self.inner,
+                req,
+                |mut c, r| async move { c.detokenize(r).await },
+            )
+            .await
     }
 
     /// What `model` is, where it runs and how it is served (loading it when needed).
@@ -125,15 +121,11 @@ impl EmbedderClient {
         let req = pb::GetModelInfoRequest {
             model: model.to_string(),
         };
-        let r = self
-            .retry
-            .run(|| {
-                let mut c = self.inner.clone();
-                let request = req.clone();
-                async move { c.get_model_info(request).await }
+        self.retry
+            .unary(&self.inner, req, |mut c, r| async move {
+                c.get_model_info(r).await
             })
-            .await?;
-        Ok(r.into_inner())
+            .await
     }
 }
 

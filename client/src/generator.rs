@@ -18,6 +18,8 @@ pub struct GeneratorClient {
 pub struct Generated {
     pub text: String,
     pub token_ids: Vec<i32>,
+    /// One per token id when the request asked for `logprobs`.
+    pub logprobs: Vec<pb::TokenLogprob>,
     pub done: pb::GenerateDone,
 }
 
@@ -68,6 +70,7 @@ impl GeneratorClient {
                     on_chunk(&c);
                     out.text.push_str(&c.text);
                     out.token_ids.extend_from_slice(&c.token_ids);
+                    out.logprobs.extend(c.logprobs);
                 }
                 Some(pb::generate_response::Event::Done(d)) => {
                     out.done = d;
@@ -87,15 +90,13 @@ impl GeneratorClient {
         &self,
         req: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, ClientError> {
-        let r = self
-            .retry
-            .run(|| {
-                let mut c = self.inner.clone();
-                let request = req.clone();
-                async move { c.tokenize(request).await }
-            })
-            .await?;
-        Ok(r.into_inner())
+        self.retry
+            .unary(
+                &self.inner,
+                req,
+                |mut c, r| async move { c.tokenize(r).await },
+            )
+            .await
     }
 
     /// The text of `req.ids`.
@@ -103,15 +104,25 @@ impl GeneratorClient {
         &self,
         req: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeResponse, ClientError> {
-        let r = self
-            .retry
-            .run(|| {
-                let mut c = self.inner.clone();
-                let request = req.clone();
-                async move { c.detokenize(request).await }
+        self.retry
+            .unary(
+                &self.inner,
+                req,
+                |mut c, r| async move { c.detokenize(r).await },
+            )
+            .await
+    }
+
+    /// The prompt a chat becomes with the model's (or the named) template, and its tokens.
+    pub async fn apply_chat_template(
+        &self,
+        req: pb::ApplyChatTemplateRequest,
+    ) -> Result<pb::ApplyChatTemplateResponse, ClientError> {
+        self.retry
+            .unary(&self.inner, req, |mut c, r| async move {
+                c.apply_chat_template(r).await
             })
-            .await?;
-        Ok(r.into_inner())
+            .await
     }
 
     /// What `model` is, where it runs and how it is served (loading it when needed).
@@ -119,14 +130,10 @@ impl GeneratorClient {
         let req = pb::GetModelInfoRequest {
             model: model.to_string(),
         };
-        let r = self
-            .retry
-            .run(|| {
-                let mut c = self.inner.clone();
-                let request = req.clone();
-                async move { c.get_model_info(request).await }
+        self.retry
+            .unary(&self.inner, req, |mut c, r| async move {
+                c.get_model_info(r).await
             })
-            .await?;
-        Ok(r.into_inner())
+            .await
     }
 }

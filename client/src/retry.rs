@@ -31,6 +31,23 @@ impl RetryPolicy {
         }
     }
 
+    /// One unary call that changes nothing (tokenize, info...), retried as `run` retries:
+    /// `call` gets a clone of `client` and of `req` for each attempt.
+    pub(crate) async fn unary<C: Clone, Req: Clone, Resp, Fut>(
+        &self,
+        client: &C,
+        req: Req,
+        call: impl Fn(C, tonic::Request<Req>) -> Fut,
+    ) -> Result<Resp, crate::ClientError>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let r = self
+            .run(|| call(client.clone(), tonic::Request::new(req.clone())))
+            .await?;
+        Ok(r.into_inner())
+    }
+
     /// Runs `call` until it succeeds, fails with a code retrying cannot fix, or runs out of
     /// attempts. UNAVAILABLE (server restarting, connection refused) and RESOURCE_EXHAUSTED
     /// (queue full) are worth another try; everything else is the answer.

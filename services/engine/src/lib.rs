@@ -3,6 +3,7 @@
 //! submit work and receive results over channels and never block an async runtime.
 
 mod backend;
+pub mod chat_template;
 pub mod embed;
 mod error;
 pub mod generate;

@@ -50,7 +50,15 @@ pub static TOKENS_GENERATED: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static PROMPT_TOKENS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "llama_agent_generator_prompt_tokens_total",
-        "Prompt tokens evaluated by the generator."
+        "Prompt tokens of generation requests, cached or evaluated."
+    )
+    .expect("metric registers once")
+});
+
+pub static PROMPT_TOKENS_CACHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "llama_agent_generator_prompt_tokens_cached_total",
+        "Prompt tokens whose KV cells were reused from the prompt cache instead of evaluated."
     )
     .expect("metric registers once")
 });

@@ -34,6 +34,10 @@ pub struct GeneratorConfig {
     /// Models to load before reporting SERVING (repeatable).
     #[arg(long, env = "LLAMA_GENERATOR_PRELOAD", value_delimiter = ',')]
     pub preload: Vec<String>,
+
+    /// A Jinja chat template that replaces every model's own for chat requests that name none.
+    #[arg(long, env = "LLAMA_GENERATOR_CHAT_TEMPLATE_FILE")]
+    pub chat_template_file: Option<std::path::PathBuf>,
 }
 
 impl Default for GeneratorConfig {
@@ -47,6 +51,7 @@ impl Default for GeneratorConfig {
             batch_size: 512,
             queue_depth: 64,
             preload: Vec::new(),
+            chat_template_file: None,
         }
     }
 }
@@ -55,6 +60,18 @@ impl GeneratorConfig {
     pub fn threads(&self) -> Option<usize> {
         self.threads
             .or_else(llama_agent_models::device::env_threads)
+    }
+
+    /// The template file's text, checked to compile.
+    pub fn chat_template(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.chat_template_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--chat-template-file {}: {e}", path.display()))?;
+        llama_agent_engine::chat_template::ChatTemplate::new(&text, &Default::default())
+            .map_err(|e| format!("--chat-template-file {}: {e}", path.display()))?;
+        Ok(Some(text))
     }
 
     pub fn validate(&self) -> Result<(), String> {

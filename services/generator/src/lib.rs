@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod service;
+mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,13 +22,18 @@ use llama_agent_proto::generator::v1::generator_service_server::{
 
 const SERVICES: &[&str] = &[SERVICE_NAME];
 
-fn pool(config: &GeneratorConfig, loader: LoaderClient) -> Arc<ModelPool<GenerationEngine>> {
+fn pool(
+    config: &GeneratorConfig,
+    loader: LoaderClient,
+    chat_template: Option<String>,
+) -> Arc<ModelPool<GenerationEngine>> {
     let opts = GenerateOptions {
         load: config.device.load_options(config.threads()),
         ctx_per_seq: config.ctx_size,
         parallel: config.parallel,
         n_batch: config.batch_size,
         queue: config.queue_depth,
+        chat_template,
     };
     let holder = llama_agent_models::lease_holder("llama-generator");
     ModelPool::new(
@@ -45,7 +51,8 @@ async fn build(
     plumbing: &Plumbing,
 ) -> Result<Ready, ServeError> {
     config.validate().map_err(ServeError::Config)?;
-    let pool = pool(config, loader);
+    let chat_template = config.chat_template().map_err(ServeError::Config)?;
+    let pool = pool(config, loader, chat_template);
     let svc = GeneratorServiceServer::new(service::GeneratorGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);

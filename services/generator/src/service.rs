@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use futures::Stream;
 use llama_agent_engine::generate::{
-    ChatMessage, FinishReason, GenDone, GenEvent, GenRequest, GenerationEngine, Prompt, Sampling,
+    FinishReason, GenDone, GenEvent, GenRequest, GenerationEngine, Prompt, TemplateSource,
+    TokenLogprob,
 };
 use llama_agent_engine::EngineError;
 use llama_agent_models::{info, ModelPool};
@@ -13,10 +14,7 @@ use llama_agent_proto::generator::v1 as pb;
 use llama_agent_proto::generator::v1::generator_service_server::GeneratorService;
 use tonic::{Request, Response, Status};
 
-/// Bounds on request fields: generous for real use, small enough that a request cannot make
-/// the engine do unbounded work.
-const MAX_STOPS: usize = 16;
-const MAX_STOP_BYTES: usize = 256;
+use crate::validate;
 
 /// The generator's error type: the one every inference service shares (one mapping to gRPC).
 pub use llama_agent_models::ServiceError as GeneratorError;
@@ -44,7 +42,7 @@ impl GeneratorService for GeneratorGrpc {
     ) -> Result<Response<GenStream>, Status> {
         let deadline = llama_agent_common::grpc::deadline(req.metadata());
         let r = req.into_inner();
-        let (prompt, sampling, stop) = validate(&r)?;
+        let checked = validate::request(&r)?;
         let (engine, info) = self
             .pool
             .get(&r.model)
@@ -60,10 +58,13 @@ impl GeneratorService for GeneratorGrpc {
         }
         let mut events = engine
             .submit(GenRequest {
-                prompt,
-                sampling,
+                prompt: checked.prompt,
+                sampling: checked.sampling,
                 max_tokens: r.max_tokens,
-                stop,
+                stop: checked.stop,
+                constraint: checked.constraint,
+                logprobs: checked.logprobs,
+                cache_prompt: checked.cache_prompt,
                 deadline,
                 span: tracing::Span::current(),
             })
@@ -82,9 +83,10 @@ impl GeneratorService for GeneratorGrpc {
             let mut next = Some(first);
             while let Some(ev) = next.take() {
                 match ev {
-                    GenEvent::Chunk { text, tokens } => {
+                    GenEvent::Chunk { text, tokens, logprobs } => {
+                        let logprobs = logprobs.into_iter().map(token_logprob).collect();
                         yield Ok(pb::GenerateResponse {
-                            event: Some(pb::generate_response::Event::Chunk(pb::TextChunk { text, token_ids: tokens })),
+                            event: Some(pb::generate_response::Event::Chunk(pb::TextChunk { text, token_ids: tokens, logprobs })),
                         });
                     }
                     GenEvent::Done(done) => {
@@ -153,6 +155,42 @@ impl GeneratorService for GeneratorGrpc {
     }
 
     #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
+    async fn apply_chat_template(
+        &self,
+        req: Request<pb::ApplyChatTemplateRequest>,
+    ) -> Result<Response<pb::ApplyChatTemplateResponse>, Status> {
+        let r = req.into_inner();
+        require_model(&r.model)?;
+        let chat = r.chat.unwrap_or_default();
+        let Prompt::Chat { messages, template } =
+            validate::chat(&chat, &r.chat_template, &r.chat_template_jinja)?
+        else {
+            unreachable!("validate::chat returns a chat");
+        };
+        let (engine, info) = self
+            .pool
+            .get(&r.model)
+            .await
+            .map_err(GeneratorError::from)?;
+        let renderer = engine.chat().clone();
+        let tokenizer = engine.tokenizer().clone();
+        // Rendering runs the template: a blocking task, not the async runtime.
+        let rendered = tokio::task::spawn_blocking(move || {
+            let prompt = renderer.render(&messages, &template)?;
+            let token_ids = tokenizer.tokenize(&prompt, true, true);
+            Ok::<_, EngineError>((prompt, token_ids))
+        })
+        .await
+        .map_err(|_| GeneratorError::from(EngineError::Stopped))?;
+        let (prompt, token_ids) = rendered.map_err(GeneratorError::from)?;
+        Ok(Response::new(pb::ApplyChatTemplateResponse {
+            prompt,
+            token_ids,
+            model_md5: info.md5,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
     async fn get_model_info(
         &self,
         req: Request<pb::GetModelInfoRequest>,
@@ -169,6 +207,13 @@ impl GeneratorService for GeneratorGrpc {
         Ok(Response::new(pb::GetModelInfoResponse {
             model: Some(info::served_model(engine.meta(), &info, was_loaded)),
             has_chat_template: engine.meta().has_chat_template,
+            chat_template_source: match engine.chat().source() {
+                TemplateSource::File => "file",
+                TemplateSource::Gguf => "gguf",
+                TemplateSource::GgufBuiltinMatch => "gguf (llama.cpp built-in match)",
+                TemplateSource::None => "",
+            }
+            .into(),
             slots_total: o.slots_total,
             slots_in_use: o.slots_in_use,
             context_length_served: o.ctx_per_seq,
@@ -198,6 +243,7 @@ fn done_message(d: &GenDone, md5: &str, reference: &str) -> pb::GenerateResponse
             usage: Some(pb::Usage {
                 prompt_tokens: d.prompt_tokens,
                 completion_tokens: d.completion_tokens,
+                cached_prompt_tokens: d.cached_prompt_tokens,
             }),
             timings: Some(pb::Timings {
                 queue_ms: d.queue_ms,
@@ -212,119 +258,21 @@ fn done_message(d: &GenDone, md5: &str, reference: &str) -> pb::GenerateResponse
     }
 }
 
-/// Checks every field before any model is touched.
-fn validate(r: &pb::GenerateRequest) -> Result<(Prompt, Sampling, Vec<String>), GeneratorError> {
-    let bad = |m: String| Err(GeneratorError::Invalid(m));
-    if r.model.trim().is_empty() {
-        return bad("model is required".into());
+fn token_logprob(t: TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        id: t.id,
+        token: String::from_utf8_lossy(&t.bytes).into_owned(),
+        bytes: t.bytes,
+        logprob: t.logprob,
+        top_logprobs: t
+            .top
+            .into_iter()
+            .map(|(id, bytes, logprob)| pb::TopLogprob {
+                id,
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes,
+                logprob,
+            })
+            .collect(),
     }
-    let prompt = match &r.input {
-        None => return bad("give a prompt or chat messages".into()),
-        Some(pb::generate_request::Input::Prompt(p)) if p.is_empty() => {
-            return bad("the prompt is empty".into())
-        }
-        Some(pb::generate_request::Input::Prompt(p)) => Prompt::Text(p.clone()),
-        Some(pb::generate_request::Input::Chat(c)) => {
-            if c.messages.is_empty() {
-                return bad("chat has no messages".into());
-            }
-            if let Some(m) = c.messages.iter().find(|m| m.role.trim().is_empty()) {
-                return bad(format!(
-                    "a chat message has no role (content {:?})",
-                    m.content
-                ));
-            }
-            Prompt::Chat {
-                messages: c
-                    .messages
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect(),
-                template: Some(r.chat_template.clone()).filter(|t| !t.is_empty()),
-            }
-        }
-    };
-    let s = r.sampling.unwrap_or_default();
-    let d = Sampling::default();
-    let in_range = |name: &str,
-                    v: Option<f32>,
-                    lo: f32,
-                    hi: f32,
-                    default: f32|
-     -> Result<f32, GeneratorError> {
-        match v {
-            None => Ok(default),
-            Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
-            Some(x) => Err(GeneratorError::Invalid(format!(
-                "{name} {x} is outside [{lo}, {hi}]"
-            ))),
-        }
-    };
-    let sampling = Sampling {
-        temperature: in_range("temperature", s.temperature, 0.0, 10.0, d.temperature)?,
-        top_k: match s.top_k {
-            None => d.top_k,
-            Some(k) if k <= 1_000_000 => k as i32,
-            Some(k) => return bad(format!("top_k {k} is more than 1000000")),
-        },
-        top_p: positive("top_p", in_range("top_p", s.top_p, 0.0, 1.0, d.top_p)?)?,
-        min_p: in_range("min_p", s.min_p, 0.0, 1.0, d.min_p)?,
-        repeat_penalty: positive(
-            "repeat_penalty",
-            in_range(
-                "repeat_penalty",
-                s.repeat_penalty,
-                0.0,
-                10.0,
-                d.repeat_penalty,
-            )?,
-        )?,
-        repeat_last_n: match s.repeat_last_n {
-            None => d.repeat_last_n,
-            Some(n) if n <= 1 << 20 => n as i32,
-            Some(n) => return bad(format!("repeat_last_n {n} is too large")),
-        },
-        // llama.cpp seeds are 32-bit; fold so every 64-bit seed still means one stream.
-        seed: s.seed.map_or_else(rand_seed, |x| (x ^ (x >> 32)) as u32),
-    };
-    if r.stop.len() > MAX_STOPS {
-        return bad(format!(
-            "at most {MAX_STOPS} stop sequences ({} given)",
-            r.stop.len()
-        ));
-    }
-    if let Some(s) = r
-        .stop
-        .iter()
-        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-    {
-        return bad(format!(
-            "stop sequence {s:?} must be 1 to {MAX_STOP_BYTES} bytes"
-        ));
-    }
-    Ok((prompt, sampling, r.stop.clone()))
-}
-
-fn positive(name: &str, v: f32) -> Result<f32, GeneratorError> {
-    if v > 0.0 {
-        Ok(v)
-    } else {
-        Err(GeneratorError::Invalid(format!(
-            "{name} must be greater than 0"
-        )))
-    }
-}
-
-fn rand_seed() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish() as u32
 }

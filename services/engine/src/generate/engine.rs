@@ -9,13 +9,16 @@ use std::time::Instant;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
+use super::chat::ChatRenderer;
+use super::prompt_cache::{Busy, Plan, PromptCache};
 use super::request::{FinishReason, GenEvent, GenRequest, Prompt};
-use super::sample::{pick_all, Picker};
+use super::sample::{pick_all, Picked, Picker};
 use super::slot::{Phase, Slot};
+use super::TokenLogprob;
 use crate::model::{self, LoadOptions, ModelMeta};
 use crate::queue::{or_report, Jobs, Queue, ReadyTx};
 use crate::{init_backend, EngineError, Tokenizer};
@@ -34,6 +37,8 @@ pub struct GenerateOptions {
     pub n_batch: u32,
     /// Requests waiting for a free sequence before RESOURCE_EXHAUSTED.
     pub queue: usize,
+    /// A Jinja chat template that replaces the model's own (`--chat-template-file`).
+    pub chat_template: Option<String>,
 }
 
 struct Job {
@@ -46,6 +51,7 @@ struct Job {
 pub struct GenerationEngine {
     // Dropped before `jobs`: see `Tokenizer`.
     tokenizer: Tokenizer,
+    chat: ChatRenderer,
     jobs: Queue<Job>,
     meta: ModelMeta,
     ctx_per_seq: u32,
@@ -74,6 +80,7 @@ struct Ready {
     meta: ModelMeta,
     ctx_per_seq: u32,
     tokenizer: Tokenizer,
+    chat: ChatRenderer,
 }
 
 impl GenerationEngine {
@@ -100,7 +107,13 @@ impl GenerationEngine {
             ctx_per_seq: ready.ctx_per_seq,
             parallel,
             load,
+            chat: ready.chat,
         })
+    }
+
+    /// Renders chats as this engine's requests are rendered, on any thread.
+    pub fn chat(&self) -> &ChatRenderer {
+        &self.chat
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -159,10 +172,17 @@ fn run(
     let Some(ctx) = or_report(new_context(&model, &opts, ctx_per_seq), &ready) else {
         return;
     };
+    let Some(chat) = or_report(
+        ChatRenderer::new(Arc::clone(&model), opts.chat_template.as_deref()),
+        &ready,
+    ) else {
+        return;
+    };
     let info = Ready {
         meta,
         ctx_per_seq,
         tokenizer: Tokenizer::new(Arc::clone(&model)),
+        chat: chat.clone(),
     };
     if ready.send(Ok(info)).is_err() {
         return;
@@ -176,8 +196,22 @@ fn run(
         ctx_per_seq: ctx_per_seq as usize,
         sampling_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load,
+        cache: PromptCache::new(opts.parallel as usize, sliding_window(&model)),
+        chat,
     };
     engine.serve(rx);
+}
+
+/// The model's sliding attention window, 0 when it has none.
+fn sliding_window(model: &LlamaModel) -> usize {
+    let arch = model
+        .meta_val_str("general.architecture")
+        .unwrap_or_default();
+    model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn new_context<'m>(
@@ -215,13 +249,16 @@ struct Engine<'m> {
     /// Threads that may pick tokens at once when many sequences generate.
     sampling_threads: usize,
     load: Arc<Occupancy>,
+    /// What each sequence's KV cells hold, for reuse by the next requests.
+    cache: PromptCache,
+    chat: ChatRenderer,
 }
 
 impl Engine<'_> {
     fn serve(&mut self, mut rx: Jobs<Job>) {
         loop {
             // Admit waiting requests into free sequences; sleep when there is nothing to do.
-            while let Some(free) = self.slots.iter().position(Option::is_none) {
+            while self.slots.iter().any(Option::is_none) {
                 let job = if self.slots.iter().all(Option::is_none) {
                     match rx.wait() {
                         Some(j) => j,
@@ -233,9 +270,10 @@ impl Engine<'_> {
                         None => break,
                     }
                 };
-                self.admit(free, job);
+                self.admit(job);
             }
             self.retire();
+            self.take_shared_prefixes();
             self.publish_occupancy();
             if self
                 .slots
@@ -253,58 +291,183 @@ impl Engine<'_> {
 
     fn publish_occupancy(&self) {
         let slots = self.slots.iter().flatten();
-        let (n, cells) = slots.fold((0u32, 0u64), |(n, c), s| (n + 1, c + s.n_past as u64));
-        self.load.slots_in_use.store(n, Ordering::Relaxed);
-        self.load.kv_cells_used.store(cells, Ordering::Relaxed);
+        self.load
+            .slots_in_use
+            .store(slots.count() as u32, Ordering::Relaxed);
+        self.load
+            .kv_cells_used
+            .store(self.cache.cells(), Ordering::Relaxed);
     }
 
-    fn admit(&mut self, seq: usize, job: Job) {
+    fn admit(&mut self, job: Job) {
         let span = job.req.span.clone();
         let _entered = span.enter();
         let started = Instant::now();
-        match self.prepare(&job.req) {
-            Ok((prompt, picker)) => {
-                let max_tokens = match job.req.max_tokens {
-                    0 => u32::MAX,
-                    n => n,
-                };
-                tracing::debug!(seq, prompt_tokens = prompt.len(), "sequence admitted");
-                crate::metrics::PROMPT_TOKENS.inc_by(prompt.len() as u64);
-                self.slots[seq] = Some(Slot {
-                    seq: seq as i32,
-                    prompt,
-                    n_past: 0,
-                    phase: Phase::Prefill,
-                    picker,
-                    max_tokens,
-                    generated: 0,
-                    deadline: job.req.deadline,
-                    span: job.req.span.clone(),
-                    events: job.events,
-                    utf8: Default::default(),
-                    stops: crate::text::StopMatcher::new(job.req.stop.clone()),
-                    out_text: String::new(),
-                    out_tokens: Vec::new(),
-                    done: None,
-                    submitted: job.submitted,
-                    started,
-                    first_token: None,
-                    last_token: None,
-                });
-            }
+        let (prompt, picker) = match self.prepare(&job.req) {
+            Ok(p) => p,
             Err(e) => {
                 let _ = job.events.try_send(GenEvent::Failed(e));
+                return;
             }
+        };
+        let Some(plan) = self.plan(&prompt) else {
+            // Unreachable: admit runs only while a sequence is free.
+            let _ = job.events.try_send(GenEvent::Failed(EngineError::Stopped));
+            return;
+        };
+        let Plan { seq, keep, share } = match job.req.cache_prompt {
+            true => plan,
+            false => Plan {
+                keep: 0,
+                share: None,
+                ..plan
+            },
+        };
+        let keep = self.keep_prefix(seq, keep);
+        let max_tokens = match job.req.max_tokens {
+            0 => u32::MAX,
+            n => n,
+        };
+        tracing::debug!(
+            seq,
+            prompt_tokens = prompt.len(),
+            cached = keep,
+            ?share,
+            "sequence admitted"
+        );
+        crate::metrics::PROMPT_TOKENS.inc_by(prompt.len() as u64);
+        crate::metrics::PROMPT_TOKENS_CACHED.inc_by(keep as u64);
+        self.slots[seq] = Some(Slot {
+            seq: seq as i32,
+            prompt,
+            n_past: keep,
+            cached: keep,
+            phase: match share {
+                Some(s) => Phase::Waiting {
+                    src: s.src,
+                    upto: s.upto,
+                },
+                None => Phase::Prefill,
+            },
+            picker,
+            max_tokens,
+            generated: 0,
+            deadline: job.req.deadline,
+            span: job.req.span.clone(),
+            events: job.events,
+            utf8: Default::default(),
+            stops: crate::text::StopMatcher::new(job.req.stop.clone()),
+            out_text: String::new(),
+            out_tokens: Vec::new(),
+            out_logprobs: Vec::new(),
+            done: None,
+            submitted: job.submitted,
+            started,
+            first_token: None,
+            last_token: None,
+        });
+    }
+
+    /// Where `prompt` goes: the free sequence with the longest cached prefix, and a busy one
+    /// to copy a longer prefix from.
+    fn plan(&mut self, prompt: &[LlamaToken]) -> Option<Plan> {
+        let free: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none())
+            .collect();
+        let busy: Vec<Busy<'_>> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                let evaluating = matches!(s.phase, Phase::Prefill | Phase::Waiting { .. })
+                    .then_some(&s.prompt[..]);
+                Some(Busy { seq: i, evaluating })
+            })
+            .collect();
+        let ctx = &self.ctx;
+        self.cache.plan(prompt, &free, &busy, |seq| {
+            ctx.kv_cache_seq_pos_min(seq as i32)
+        })
+    }
+
+    /// Drops `seq`'s cells past its first `keep` tokens; returns how many it keeps (none when
+    /// llama.cpp cannot cut this model's memory there, as for recurrent layers).
+    fn keep_prefix(&mut self, seq: usize, keep: usize) -> usize {
+        if keep < self.cache.tokens(seq).len()
+            && self
+                .ctx
+                .kv_cache_seq_rm(seq as i32, Some(keep as u32), None)
+                .is_err()
+        {
+            self.free_kv(seq);
+            return 0;
         }
+        self.cache.truncate(seq, keep);
+        keep
+    }
+
+    /// Sequences waiting for a prefix another sequence evaluates: copy it once it is there
+    /// (or take what there is when that sequence stopped), then evaluate the rest.
+    fn take_shared_prefixes(&mut self) {
+        for dst in 0..self.slots.len() {
+            let Some(Slot {
+                phase: Phase::Waiting { src, upto },
+                ..
+            }) = self.slots[dst]
+            else {
+                continue;
+            };
+            let src_busy = self.slots[src]
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase, Phase::Prefill | Phase::Waiting { .. }));
+            let slot = self.slots[dst].as_ref().expect("matched above");
+            let ctx = &self.ctx;
+            let have = self.cache.usable(src, &slot.prompt, &|seq| {
+                ctx.kv_cache_seq_pos_min(seq as i32)
+            });
+            if have < upto && src_busy {
+                continue;
+            }
+            let from = slot.n_past;
+            let copied = have >= from + super::prompt_cache::MIN_COPY_TOKENS
+                && self.copy_prefix(src, dst, have);
+            let slot = self.slots[dst].as_mut().expect("matched above");
+            if copied {
+                slot.n_past = have;
+                slot.cached = have;
+                crate::metrics::PROMPT_TOKENS_CACHED.inc_by((have - from) as u64);
+            }
+            tracing::debug!(parent: &slot.span, seq = dst, src, copied = copied.then_some(have), "shared prefix");
+            slot.phase = Phase::Prefill;
+        }
+    }
+
+    /// Makes `dst` hold `src`'s first `len` tokens. llama.cpp copies a sequence to another
+    /// KV stream only whole, so the copy's tail is dropped after.
+    fn copy_prefix(&mut self, src: usize, dst: usize, len: usize) -> bool {
+        self.free_kv(dst);
+        let copied = self
+            .ctx
+            .kv_cache_seq_cp(src as i32, dst as i32, None, None)
+            .is_ok()
+            && self
+                .ctx
+                .kv_cache_seq_rm(dst as i32, Some(len as u32), None)
+                .is_ok();
+        if copied {
+            self.cache.copy(src, dst, len);
+        } else {
+            self.free_kv(dst);
+        }
+        copied
     }
 
     /// Renders and tokenizes the prompt, checks it fits, builds the sampler chain.
     fn prepare(&self, req: &GenRequest) -> Result<(Vec<LlamaToken>, Picker), EngineError> {
         let text = match &req.prompt {
             Prompt::Text(t) => t.clone(),
-            Prompt::Chat { messages, template } => {
-                self.render_chat(messages, template.as_deref())?
-            }
+            Prompt::Chat { messages, template } => self.chat.render(messages, template)?,
         };
         // As llama.cpp's server: BOS when the model wants one, special tokens parsed.
         let prompt = self.model.vocab().tokenize(text.as_bytes(), true, true);
@@ -319,39 +482,14 @@ impl Engine<'_> {
             )));
         }
         let mut picker = Picker::new(&req.sampling, self.model.n_vocab());
+        if let Some(c) = &req.constraint {
+            picker = picker.with_grammar(c.sampler(self.model)?);
+        }
+        if let Some(top) = req.logprobs {
+            picker = picker.with_logprobs(top as usize);
+        }
         picker.remember(&prompt);
         Ok((prompt, picker))
-    }
-
-    fn render_chat(
-        &self,
-        messages: &[super::request::ChatMessage],
-        template: Option<&str>,
-    ) -> Result<String, EngineError> {
-        let tmpl = match template {
-            Some(name) => LlamaChatTemplate::new(name)
-                .map_err(|_| EngineError::InvalidRequest("chat template name contains NUL".into()))?,
-            None => self.model.chat_template(None).map_err(|_| {
-                EngineError::InvalidRequest(
-                    "this model has no chat template in its file; name one (e.g. \"gemma\", \"chatml\") or send a plain prompt".into(),
-                )
-            })?,
-        };
-        let chat = messages
-            .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::InvalidRequest(format!("chat message: {e}")))?;
-        self.model
-            .apply_chat_template(&tmpl, &chat, true)
-            .map_err(|e| {
-                EngineError::InvalidRequest(match template {
-                    Some(name) => {
-                        format!("chat template '{name}' is not one llama.cpp knows ({e})")
-                    }
-                    None => format!("applying the model's chat template: {e}"),
-                })
-            })
     }
 
     /// Stops sequences whose client left or whose deadline passed, and frees slots that
@@ -361,17 +499,13 @@ impl Engine<'_> {
             let Some(slot) = &mut self.slots[i] else {
                 continue;
             };
+            // The cells of a sequence that ends stay: they are the prompt cache.
             let gone = slot.client_gone();
             if gone && !matches!(slot.phase, Phase::Draining) {
                 slot.finish(FinishReason::Cancelled);
                 tracing::debug!(parent: &slot.span, seq = slot.seq, "client gone; sequence cancelled");
-                self.free_kv(i);
             }
-            let slot = self.slots[i].as_mut().expect("checked above");
             if !slot.flush() || slot.drained() || gone {
-                if !matches!(slot.phase, Phase::Draining) {
-                    self.free_kv(i);
-                }
                 self.slots[i] = None;
             }
         }
@@ -381,6 +515,7 @@ impl Engine<'_> {
         if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
             tracing::warn!(seq, error = %e, "freeing KV cells");
         }
+        self.cache.truncate(seq, 0);
     }
 
     /// One decode call: a token for each generating sequence, then prompt chunks while the
@@ -400,6 +535,7 @@ impl Engine<'_> {
                 {
                     break;
                 }
+                self.cache.push(i, token);
                 slot.n_past += 1;
                 logit_rows.push((i, row));
             }
@@ -427,6 +563,7 @@ impl Engine<'_> {
                 if last {
                     logit_rows.push((i, row));
                 }
+                self.cache.push(i, slot.prompt[pos]);
                 slot.n_past = pos + 1;
             }
         }
@@ -437,15 +574,10 @@ impl Engine<'_> {
             // The KV pool is exhausted (or llama.cpp failed): fail the sequences in this batch.
             tracing::error!(error = %e, "decode failed");
             for i in 0..self.slots.len() {
-                if let Some(slot) = &mut self.slots[i] {
+                if let Some(slot) = &self.slots[i] {
                     if !matches!(slot.phase, Phase::Draining) {
-                        let _ =
-                            slot.events
-                                .try_send(GenEvent::Failed(EngineError::Llama(format!(
-                                    "decode failed: {e}"
-                                ))));
+                        self.fail(i, EngineError::Llama(format!("decode failed: {e}")));
                         self.free_kv(i);
-                        self.slots[i] = None;
                     }
                 }
             }
@@ -467,13 +599,30 @@ impl Engine<'_> {
                 .collect();
             pick_all(work, self.sampling_threads)
         };
-        for ((i, _), token) in logit_rows.into_iter().zip(tokens) {
-            self.advance(i, token);
+        for ((i, _), picked) in logit_rows.into_iter().zip(tokens) {
+            match picked {
+                Some(picked) => self.advance(i, picked),
+                None => self.fail(
+                    i,
+                    EngineError::InvalidRequest(
+                        "the grammar allows no token at this point of the output".into(),
+                    ),
+                ),
+            }
+        }
+    }
+
+    /// Ends a sequence with an error.
+    fn fail(&mut self, i: usize, e: EngineError) {
+        if let Some(slot) = &mut self.slots[i] {
+            let _ = slot.events.try_send(GenEvent::Failed(e));
+            self.slots[i] = None;
         }
     }
 
     /// Takes a sequence's new token: timings, text, and whether it ends the sequence.
-    fn advance(&mut self, i: usize, token: LlamaToken) {
+    fn advance(&mut self, i: usize, picked: Picked) {
+        let token = picked.token;
         let model = self.model;
         let ctx_per_seq = self.ctx_per_seq;
         let Some(slot) = self.slots[i].as_mut() else {
@@ -495,7 +644,19 @@ impl Engine<'_> {
             Some(FinishReason::Stop)
         } else {
             let bytes = vocab.token_to_piece(token, false, None);
-            if slot.push_token(token.0, &bytes) {
+            let logprob = picked.logprobs.map(|(logprob, top)| {
+                let piece = |id: i32| vocab.token_to_piece(LlamaToken(id), true, None);
+                TokenLogprob {
+                    id: token.0,
+                    bytes: piece(token.0),
+                    logprob,
+                    top: top
+                        .into_iter()
+                        .map(|(id, lp)| (id, piece(id), lp))
+                        .collect(),
+                }
+            });
+            if slot.push_token(token.0, &bytes, logprob) {
                 Some(FinishReason::StopSequence)
             } else if slot.generated >= slot.max_tokens || slot.n_past + 1 >= ctx_per_seq {
                 Some(FinishReason::Length)
@@ -504,10 +665,7 @@ impl Engine<'_> {
             }
         };
         match finish {
-            Some(reason) => {
-                slot.finish(reason);
-                self.free_kv(i);
-            }
+            Some(reason) => slot.finish(reason),
             None => slot.phase = Phase::Decode(token),
         }
     }

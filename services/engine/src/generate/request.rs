@@ -12,11 +12,23 @@ pub struct ChatMessage {
 pub enum Prompt {
     /// Tokenized as is, with BOS when the model asks for one.
     Text(String),
-    /// Rendered with `template` (a llama.cpp built-in name) or the model's own template.
+    /// Rendered with a chat template.
     Chat {
         messages: Vec<ChatMessage>,
-        template: Option<String>,
+        template: TemplateChoice,
     },
+}
+
+/// Which chat template renders a conversation.
+#[derive(Clone, Debug, Default)]
+pub enum TemplateChoice {
+    /// The engine's template file if it has one, else the model's own (Jinja, from the GGUF).
+    #[default]
+    Served,
+    /// A llama.cpp built-in template, by name (`chatml`, `gemma`, `llama3`, ...).
+    Builtin(String),
+    /// A Jinja template sent with the request.
+    Jinja(String),
 }
 
 /// Sampling settings, already validated. llama.cpp's defaults where a request is silent.
@@ -57,6 +69,12 @@ pub struct GenRequest {
     /// 0 = until the sequence's context is full.
     pub max_tokens: u32,
     pub stop: Vec<String>,
+    /// Structured output: the text must match this schema or grammar.
+    pub constraint: Option<super::Constraint>,
+    /// Report each token's log-probability, with this many alternatives.
+    pub logprobs: Option<u32>,
+    /// Reuse cached KV cells of the prompt's prefix (the prompt cache).
+    pub cache_prompt: bool,
     /// Past this instant the sequence stops (gRPC deadline).
     pub deadline: Option<Instant>,
     /// The request's span, entered on the engine thread while it works for this request.
@@ -76,6 +94,8 @@ pub enum FinishReason {
 pub struct GenDone {
     pub finish: FinishReason,
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV cells were reused, not evaluated.
+    pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
     pub queue_ms: f64,
     pub ttft_ms: f64,
@@ -96,7 +116,12 @@ impl GenDone {
 
 #[derive(Clone, Debug)]
 pub enum GenEvent {
-    Chunk { text: String, tokens: Vec<i32> },
+    Chunk {
+        text: String,
+        tokens: Vec<i32>,
+        /// One per token when the request asked for log-probabilities, else empty.
+        logprobs: Vec<super::TokenLogprob>,
+    },
     Done(GenDone),
     Failed(crate::EngineError),
 }

@@ -31,6 +31,17 @@ pub(super) struct Picker {
     cut: Cut,
     /// Candidate storage kept between steps (a full-vocabulary row is megabytes).
     scratch: Vec<LlamaTokenData>,
+    /// Structured output: only tokens this grammar allows may be picked.
+    grammar: Option<LlamaSampler>,
+    /// Report log-probabilities, with this many alternatives.
+    logprobs: Option<usize>,
+}
+
+/// A picked token, and its log-probabilities when the request asked for them.
+pub(super) struct Picked {
+    pub token: LlamaToken,
+    /// The token's log-probability and `(id, logprob)` of the most likely tokens.
+    pub logprobs: Option<(f32, Vec<(i32, f32)>)>,
 }
 
 enum Cut {
@@ -83,7 +94,19 @@ impl Picker {
             chain: LlamaSampler::chain_simple(chain),
             cut,
             scratch: Vec::new(),
+            grammar: None,
+            logprobs: None,
         }
+    }
+
+    pub fn with_grammar(mut self, grammar: LlamaSampler) -> Self {
+        self.grammar = Some(grammar);
+        self
+    }
+
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
     }
 
     /// Feeds tokens the sequence already holds to samplers with memory (the repeat penalty
@@ -92,17 +115,45 @@ impl Picker {
         self.chain.accept_many(tokens.iter());
     }
 
-    /// The next token from one row of logits; the chain's state moves past it.
-    pub fn pick(&mut self, logits: &[f32]) -> LlamaToken {
+    /// The next token from one row of logits; the chain's (and grammar's) state moves past
+    /// it. None when a grammar allows no token at all here.
+    pub fn pick(&mut self, logits: &[f32]) -> Option<Picked> {
+        // As llama.cpp's common sampler: sample as usual, and only when the grammar refuses
+        // that token run the grammar over the whole vocabulary first and sample again. Most
+        // steps then cost one grammar check instead of one per vocabulary entry.
+        let mut token = self.choose(logits, false)?;
+        if let Some(grammar) = &mut self.grammar {
+            if !allows(grammar, token, logits) {
+                token = self.choose(logits, true)?;
+            }
+        }
+        self.chain.accept(token);
+        if let Some(grammar) = &mut self.grammar {
+            grammar.accept(token);
+        }
+        let logprobs = self
+            .logprobs
+            .map(|top| super::logprobs::from_logits(logits, token, top));
+        Some(Picked { token, logprobs })
+    }
+
+    /// Runs the chain over this row's candidates: the cut ones, or with `grammar_first` the
+    /// whole vocabulary after the grammar removed what it forbids.
+    fn choose(&mut self, logits: &[f32], grammar_first: bool) -> Option<LlamaToken> {
         let mut candidates = std::mem::take(&mut self.scratch);
         candidates.clear();
-        let sorted = match self.cut {
+        let cut = if grammar_first {
+            &Cut::Whole
+        } else {
+            &self.cut
+        };
+        let sorted = match cut {
             Cut::Argmax => {
                 candidates.push(argmax(logits));
                 true
             }
             Cut::TopK(k) => {
-                top_k(logits, k, &mut candidates);
+                top_k(logits, *k, &mut candidates);
                 true
             }
             Cut::Whole => {
@@ -115,6 +166,13 @@ impl Picker {
             }
         };
         let mut array = LlamaTokenDataArray::new(candidates, sorted);
+        if let (true, Some(grammar)) = (grammar_first, &mut self.grammar) {
+            array.apply_sampler(grammar);
+            if array.data.iter().all(|d| d.logit() == f32::NEG_INFINITY) {
+                self.scratch = array.data;
+                return None;
+            }
+        }
         array.apply_sampler(&mut self.chain);
         // Every chain ends in greedy or dist, which always select; the first candidate is
         // only a guard against a chain that did not.
@@ -122,15 +180,29 @@ impl Picker {
             .selected_token()
             .or_else(|| array.data.first().map(LlamaTokenData::id))
             .unwrap_or(LlamaToken(0));
-        self.chain.accept(token);
         self.scratch = array.data;
-        token
+        Some(token)
     }
+}
+
+/// Whether `grammar`, in its current state, lets `token` come next.
+fn allows(grammar: &mut LlamaSampler, token: LlamaToken, logits: &[f32]) -> bool {
+    let logit = usize::try_from(token.0)
+        .ok()
+        .and_then(|i| logits.get(i))
+        .copied()
+        .unwrap_or(0.0);
+    let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, logit, 0.0)], true);
+    one.apply_sampler(grammar);
+    one.data[0].logit() != f32::NEG_INFINITY
 }
 
 /// Picks a token for every `(picker, logits row)`, on several threads when the rows are many
 /// and long. Tokens come back in the order of `work`.
-pub(super) fn pick_all(work: Vec<(&mut Picker, &[f32])>, max_threads: usize) -> Vec<LlamaToken> {
+pub(super) fn pick_all(
+    work: Vec<(&mut Picker, &[f32])>,
+    max_threads: usize,
+) -> Vec<Option<Picked>> {
     let logits: usize = work.iter().map(|(_, row)| row.len()).sum();
     let threads = if logits < PARALLEL_FROM_LOGITS {
         1
@@ -140,7 +212,7 @@ pub(super) fn pick_all(work: Vec<(&mut Picker, &[f32])>, max_threads: usize) -> 
     if threads == 1 {
         return work.into_iter().map(|(p, row)| p.pick(row)).collect();
     }
-    let mut tokens = vec![LlamaToken(0); work.len()];
+    let mut tokens: Vec<Option<Picked>> = (0..work.len()).map(|_| None).collect();
     let per_thread = work.len().div_ceil(threads);
     std::thread::scope(|s| {
         let mut work = work.into_iter();
@@ -174,7 +246,7 @@ fn argmax(logits: &[f32]) -> LlamaTokenData {
 /// The `k` highest logits, highest first; among equal logits the lower id comes first (where
 /// llama.cpp's partial sort may keep another of two equal logits at the k-th place: both are
 /// equally top-k).
-fn top_k(logits: &[f32], k: usize, out: &mut Vec<LlamaTokenData>) {
+pub(super) fn top_k(logits: &[f32], k: usize, out: &mut Vec<LlamaTokenData>) {
     let k = k.min(logits.len());
     // (logit, id), descending; at most k.
     let mut best: Vec<(f32, i32)> = Vec::with_capacity(k + 1);
@@ -287,8 +359,8 @@ mod tests {
             for step in 0..200 {
                 let logits = row(5_000, step);
                 assert_eq!(
-                    picker.pick(&logits),
-                    whole_vocabulary(&mut reference, &logits),
+                    picker.pick(&logits).map(|p| p.token),
+                    Some(whole_vocabulary(&mut reference, &logits)),
                     "{name}, step {step}"
                 );
             }
@@ -313,8 +385,11 @@ mod tests {
         };
         let (mut serial, mut threaded) = (pickers(), pickers());
         for _ in 0..3 {
-            let one = pick(&mut serial, 1);
-            let many = pick(&mut threaded, 4);
+            let tokens = |picked: Vec<Option<Picked>>| -> Vec<_> {
+                picked.into_iter().map(|p| p.map(|p| p.token)).collect()
+            };
+            let one = tokens(pick(&mut serial, 1));
+            let many = tokens(pick(&mut threaded, 4));
             assert_eq!(one, many);
         }
     }
