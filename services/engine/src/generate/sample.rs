@@ -124,7 +124,11 @@ impl Picker {
         let mut token = self.choose(logits, false)?;
         if let Some(grammar) = &mut self.grammar {
             if !allows(grammar, token, logits) {
-                token = self.choose(logits, true)?;
+                let greedy = matches!(self.cut, Cut::Argmax);
+                token = match greedy.then(|| best_allowed(grammar, logits)).flatten() {
+                    Some(t) => t,
+                    None => self.choose(logits, true)?,
+                };
             }
         }
         self.chain.accept(token);
@@ -183,6 +187,23 @@ impl Picker {
         self.scratch = array.data;
         Some(token)
     }
+}
+
+/// Greedy under a grammar picks the highest logit the grammar allows: when one of the few
+/// highest is allowed, that is it, without the grammar walking the whole vocabulary.
+const GREEDY_GRAMMAR_CANDIDATES: usize = 64;
+
+/// The highest-logit token `grammar` allows among the [`GREEDY_GRAMMAR_CANDIDATES`] highest.
+fn best_allowed(grammar: &mut LlamaSampler, logits: &[f32]) -> Option<LlamaToken> {
+    let mut candidates = Vec::with_capacity(GREEDY_GRAMMAR_CANDIDATES);
+    top_k(logits, GREEDY_GRAMMAR_CANDIDATES, &mut candidates);
+    let mut array = LlamaTokenDataArray::new(candidates, true);
+    array.apply_sampler(grammar);
+    array
+        .data
+        .iter()
+        .find(|d| d.logit() != f32::NEG_INFINITY)
+        .map(LlamaTokenData::id)
 }
 
 /// Whether `grammar`, in its current state, lets `token` come next.
