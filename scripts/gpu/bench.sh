@@ -9,6 +9,8 @@
 #   scripts/gpu/bench.sh smoke    llama-cli generate/embed on the GPU: devices, layers, exit codes
 #   scripts/gpu/bench.sh generate decode, TTFT and 1/16/64 streams against llama-bench,
 #                                 llama-server and llama-batched-bench
+#   scripts/gpu/bench.sh prompt-cache  TTFT with the prompt cache (shared 1,500-token system
+#                                 prompt, 10-turn chat) against llama-server's cache_prompt
 #   scripts/gpu/bench.sh cpu      the same machine's CPU: 1 and 8 streams, GPU module left out
 #   scripts/gpu/bench.sh embed    llama-cli embed of 100k texts (MiniLM, Qwen3-Embedding shape)
 #                                 against llama-server --embeddings; MiniLM on the CPU too
@@ -110,6 +112,12 @@ generate() {
         -npp 16 -ntg 128 -npl 1,16,64 2>/dev/null | grep -E '^\|' || true
 }
 
+prompt_cache() {
+    say "prompt cache: gemma3-1b, all layers on the GPU, 1 CPU thread, 4 sequences on both sides"
+    "$BIN/bench-prompt-cache" --model "$M/gemma3-1b-Q4_K_M.gguf" --llama-bin "$PEERS" --ngl 99 \
+        --threads 1 --parallel 4 --rounds 3
+}
+
 cpu() {
     say "CPU side on $(nproc) cores (GGML_CUDA=0 for ours, -ngl 0 for the peers)"
     GGML_CUDA=0 "$BIN/bench-generate" --model "$M/gemma3-1b-Q4_K_M.gguf" --llama-bin "$PEERS" \
@@ -159,8 +167,9 @@ case "${1:-all}" in
     models) shift; models "$@" ;;
     smoke) smoke ;;
     generate) generate ;;
+    prompt-cache) prompt_cache ;;
     cpu) cpu ;;
     embed) embed ;;
-    all) build; models; smoke; generate; cpu; embed ;;
-    *) echo "usage: $0 build|models [NAME...]|smoke|generate|cpu|embed|all" >&2; exit 2 ;;
+    all) build; models; smoke; generate; prompt_cache; cpu; embed ;;
+    *) echo "usage: $0 build|models [NAME...]|smoke|generate|prompt-cache|cpu|embed|all" >&2; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ mkdir -p "$PACK"
 # Our binaries and llama.cpp's libraries and CPU modules.
 cp -a "$DIST" "$WORK/llama-agent"
 # The benchmark driver and the hub mirror it serves models from (tests/src/bin).
-for b in bench-generate hub-mirror; do
+for b in bench-generate bench-prompt-cache hub-mirror; do
     objcopy --strip-debug "target/release/$b" "$WORK/llama-agent/bin/$b"
 done
 tar -C "$WORK" -cJf "$PACK/dist.tar.xz" llama-agent

@@ -1,4 +1,5 @@
 //! Test support shared by llama-agent's integration tests and benchmarks.
 
 pub mod mirror;
+pub mod peer;
 pub mod support;
