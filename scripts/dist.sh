@@ -29,8 +29,9 @@ for b in "${BINS[@]}"; do
     # folder ~370 MB; symbols stay, so a backtrace still names functions.
     objcopy --strip-debug "target/release/$b" "$DEST/bin/$b"
 done
-# -P keeps the soname links (libllama.so.0 -> libllama.so.0.0.N).
-for lib in libllama libggml libggml-base; do
+# -P keeps the soname links (libllama.so.0 -> libllama.so.0.0.N). libllama-common holds
+# llama.cpp's JSON-schema-to-grammar converter and the grammar sampler's C++ wrappers.
+for lib in libllama libllama-common libggml libggml-base; do
     cp -P "$LIBDIR/$lib".so* "$DEST/bin/"
 done
 cp "$OUT"/backends/libggml-*.so "$DEST/bin/"
