@@ -1,6 +1,8 @@
 //! The embedder through real gRPC on ephemeral ports, on the real all-MiniLM-L6-v2 GGUF
 //! (served by the hub mirror through a real loader), against vectors computed without
 //! llama.cpp (tests/fixtures/minilm-reference.json, from scripts/make-embedding-reference.py);
+//! a Qwen3-Embedding-style causal decoder against llama.cpp's own llama-server on the same GGUF
+//! (tests/fixtures/decoder-embedding-qwen3.json, from scripts/make-decoder-embedding-fixture.sh);
 //! and `llama-cli embed` into Parquet, read back with pyarrow.
 
 use std::io::{BufRead, BufReader, Write};
@@ -23,6 +25,10 @@ use tonic::Code;
 
 const MINILM_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
 const DIM: usize = 384;
+/// A qwen3 decoder with last-token pooling and the end-of-text token appended, random weights
+/// (scripts/fetch-test-models.sh).
+const QWEN_REPO: &str = "test/synth-qwen3-embedding-GGUF";
+const QWEN_FILE: &str = "synth-qwen3-embedding-F32.gguf";
 
 /// Mirror → loader → embedder, all in this process on 127.0.0.1:0.
 struct Stack {
@@ -42,7 +48,11 @@ impl Stack {
 
     /// The repo holds one GGUF, `file`, so the repo reference resolves to it.
     async fn start_with(config: EmbedderConfig, file: &str) -> Stack {
-        let repo = RepoSpec::new(MINILM_REPO).file(file, model(file));
+        Self::start_repo(config, MINILM_REPO, file).await
+    }
+
+    async fn start_repo(config: EmbedderConfig, repo: &str, file: &str) -> Stack {
+        let repo = RepoSpec::new(repo).file(file, model(file));
         let mirror = Mirror::start(MirrorConfig::new().repo(repo)).await.unwrap();
         let cache = tempfile::tempdir().unwrap();
         let loader = InProcessLoader::start(LoaderConfig::new(
@@ -197,6 +207,178 @@ async fn vectors_match_the_numpy_reference() {
         );
         assert!(!e.truncated[i]);
     }
+}
+
+/// tests/fixtures/decoder-embedding-qwen3.json: llama-server's vectors for `QWEN_FILE`.
+#[derive(serde::Deserialize)]
+struct DecoderFixture {
+    model_md5: String,
+    dim: usize,
+    eos_token_id: i32,
+    made_by: DecoderMadeBy,
+    cases: Vec<DecoderCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct DecoderMadeBy {
+    /// The highest cosine between two different texts' vectors: how close a wrong row can come.
+    highest_cosine_between_different_texts: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct DecoderCase {
+    text: String,
+    /// The cut asked for (EmbedOptions.max_length); 0: the engine's own limit, 512 tokens.
+    max_length: u32,
+    /// As llama.cpp tokenizes the whole text: no BOS, the end-of-text token last.
+    token_ids: Vec<i32>,
+    n_tokens: u32,
+    truncated: bool,
+    vector: Vec<f32>,
+}
+
+impl DecoderCase {
+    /// The text's start, for messages.
+    fn short(&self) -> String {
+        self.text.chars().take(40).collect()
+    }
+
+    /// Whether a request cut at `cap` tokens embeds this case's tokens exactly.
+    fn fits(&self, cap: u32) -> bool {
+        let own = if self.max_length == 0 {
+            DECODER_TOKENS_PER_TEXT
+        } else {
+            self.max_length
+        };
+        own == cap || self.token_ids.len() as u32 <= own.min(cap)
+    }
+}
+
+/// The engine's limit per text for a decoder on a CPU: its 512-token batch.
+const DECODER_TOKENS_PER_TEXT: u32 = 512;
+
+fn decoder_fixture() -> DecoderFixture {
+    let path = repo_root().join("tests/fixtures/decoder-embedding-qwen3.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// Embeds `cases` in one request cut at `cap` and checks every row against llama.cpp's vector:
+/// cosine >= 0.999, closer to its own text's vector than to any other's (the texts' vectors
+/// are near each other, the end-of-text token's row dominating them all), and the tokens
+/// embedded and cut. Returns the lowest cosine.
+async fn embed_like_llama_cpp(
+    c: &EmbedderClient,
+    cases: &[&DecoderCase],
+    all: &[DecoderCase],
+    cap: u32,
+    what: &str,
+) -> f64 {
+    let texts: Vec<String> = cases.iter().map(|c| c.text.clone()).collect();
+    let options = pb::EmbedOptions {
+        max_length: if cap == DECODER_TOKENS_PER_TEXT {
+            0
+        } else {
+            cap
+        },
+        ..Default::default()
+    };
+    let r = c
+        .embed(pb::EmbedRequest {
+            model: QWEN_REPO.into(),
+            texts,
+            options: Some(options),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.pooling, pb::Pooling::Last as i32, "the GGUF says last");
+    assert!(r.normalized);
+    let e = r.embeddings.as_ref().unwrap();
+    let mut lowest = 1.0f64;
+    for (i, (got, want)) in rows(&r).iter().zip(cases).enumerate() {
+        let name = format!("{what}: row {i} {:?}", want.short());
+        let own = cosine(got, &want.vector);
+        assert!(own >= 0.999, "{name}: cosine {own}");
+        for other in all.iter().filter(|o| o.text != want.text) {
+            let c = cosine(got, &other.vector);
+            assert!(
+                c < own,
+                "{name}: nearer {:?} ({c}) than its own ({own})",
+                other.short()
+            );
+        }
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{name}: norm {norm}");
+        assert_eq!(e.token_counts[i], want.n_tokens, "{name}: tokens embedded");
+        assert_eq!(e.truncated[i], want.truncated, "{name}: truncated");
+        lowest = lowest.min(own);
+    }
+    eprintln!("{what}: lowest cosine with llama.cpp {lowest}");
+    lowest
+}
+
+/// A Qwen3-Embedding-style decoder (qwen3, causal, last-token pooling, end-of-text token
+/// appended) embeds as llama.cpp's llama-server does on the same GGUF: short texts, texts cut
+/// to the engine's 512-token limit and to a max_length (the end-of-text token kept), and
+/// mixed lengths packed into one batch, where each sequence's own last row must be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoder_last_token_pooling_matches_llama_cpp() {
+    let fx = decoder_fixture();
+    assert_eq!(
+        fx.model_md5,
+        model_md5(QWEN_FILE),
+        "the fixture was made from another {QWEN_FILE}: rerun scripts/make-decoder-embedding-fixture.sh"
+    );
+    let between = fx.made_by.highest_cosine_between_different_texts;
+    assert!(
+        between < 0.999,
+        "the texts' vectors cannot be told apart ({between})"
+    );
+    let stack = Stack::start_repo(config(), QWEN_REPO, QWEN_FILE).await;
+    let c = &stack.client;
+
+    // Tokens as llama.cpp makes them: no BOS, the end-of-text token appended as the GGUF says.
+    for case in &fx.cases {
+        let t = c
+            .tokenize(pb::TokenizeRequest {
+                model: QWEN_REPO.into(),
+                text: case.text.clone(),
+                add_special: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(t.ids, case.token_ids, "{:?}", case.short());
+        assert_eq!(t.ids.last(), Some(&fx.eos_token_id));
+    }
+    let info = c.model_info(QWEN_REPO).await.unwrap();
+    assert_eq!(
+        (info.dimensions as usize, info.causal),
+        (fx.dim, true),
+        "{info:?}"
+    );
+    assert_eq!(info.pooling, pb::Pooling::Last as i32);
+    assert_eq!(info.max_tokens_per_text, DECODER_TOKENS_PER_TEXT);
+
+    // Packed: all texts but the one cut at 16 in one request; the 11 uncut ones (432 tokens)
+    // share one llama.cpp batch, the one cut to 512 fills another. Then a request cut at 16
+    // tokens: that text with the 8 that 16 leaves whole, all in one batch.
+    let mut lowest = 1.0f64;
+    for cap in [DECODER_TOKENS_PER_TEXT, 16] {
+        let cases: Vec<&DecoderCase> = fx.cases.iter().filter(|c| c.fits(cap)).collect();
+        assert!(cases.len() >= 8 && cases.iter().any(|c| c.truncated));
+        let what = format!("{} texts packed, max_length {cap}", cases.len());
+        lowest = lowest.min(embed_like_llama_cpp(c, &cases, &fx.cases, cap, &what).await);
+    }
+    // Singly: one text per request, one after another, so one sequence per batch.
+    for case in &fx.cases {
+        let cap = match case.max_length {
+            0 => DECODER_TOKENS_PER_TEXT,
+            n => n,
+        };
+        let what = format!("alone, max_length {cap}");
+        lowest = lowest.min(embed_like_llama_cpp(c, &[case], &fx.cases, cap, &what).await);
+    }
+    eprintln!("lowest cosine with llama.cpp over all: {lowest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
