@@ -127,6 +127,19 @@ impl EmbedderClient {
             })
             .await
     }
+
+    /// Scores `req.documents` against `req.query` with a reranker, best first. Retried on
+    /// UNAVAILABLE and RESOURCE_EXHAUSTED (scoring changes nothing); no deadline, like
+    /// `tokenize`, since the service may load the model first.
+    pub async fn rerank(&self, req: pb::RerankRequest) -> Result<pb::RerankResponse, ClientError> {
+        self.retry
+            .unary(
+                &self.inner,
+                req,
+                |mut c, r| async move { c.rerank(r).await },
+            )
+            .await
+    }
 }
 
 /// The sending half of an EmbedStream; dropping it (or `finish`) half-closes the stream.

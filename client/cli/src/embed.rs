@@ -3,7 +3,7 @@
 //! most, so memory stays flat whatever the input size; `--resume` continues an interrupted
 //! run after its last complete row group.
 
-mod input;
+pub(crate) mod input;
 mod meter;
 mod output;
 

@@ -139,6 +139,7 @@ pub async fn info(
                 "max_batch_tokens": i.max_batch_tokens,
                 "max_texts_per_batch": i.max_texts_per_batch,
                 "contexts": i.contexts,
+                "reranker": i.reranker,
             });
             (i.model.unwrap_or_default(), extra)
         }

@@ -6,6 +6,7 @@ mod embed;
 mod generate;
 mod inspect;
 mod progress;
+mod rerank;
 
 use clap::{Parser, Subcommand};
 use llama_agent_client::LoaderClient;
@@ -64,6 +65,8 @@ enum Command {
     Info(inspect::InfoArgs),
     /// A text as the model's token ids (and pieces).
     Tokenize(inspect::TokenizeArgs),
+    /// Score documents from a .txt/.jsonl file against a query with a reranker, best first.
+    Rerank(Box<rerank::RerankArgs>),
 }
 
 fn main() {
@@ -102,6 +105,7 @@ impl Command {
             Command::Embed(_) => "embed",
             Command::Info(_) => "info",
             Command::Tokenize(_) => "tokenize",
+            Command::Rerank(_) => "rerank",
         }
     }
 }
@@ -148,6 +152,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tokenize(args) => {
             inspect::tokenize(args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
+        }
+        Command::Rerank(args) => {
+            rerank::run(*args, async || {
                 loader_client(&cli.loader_endpoint, &cli.loader).await
             })
             .await

@@ -21,6 +21,11 @@ pub fn params(
         Ok(pb::Pooling::Mean) => Some(Pooling::Mean),
         Ok(pb::Pooling::Cls) => Some(Pooling::Cls),
         Ok(pb::Pooling::Last) => Some(Pooling::Last),
+        Ok(pb::Pooling::Rank) => {
+            return Err(EmbedderError::Invalid(
+                "pooling rank is a reranker's; score pairs with Rerank".into(),
+            ))
+        }
         Err(_) => {
             return Err(EmbedderError::Invalid(format!(
                 "unknown pooling {}",
@@ -87,6 +92,7 @@ pub fn pooling_pb(p: Pooling) -> pb::Pooling {
         Pooling::Mean => pb::Pooling::Mean,
         Pooling::Cls => pb::Pooling::Cls,
         Pooling::Last => pb::Pooling::Last,
+        Pooling::Rank => pb::Pooling::Rank,
     }
 }
 

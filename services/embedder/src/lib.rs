@@ -5,6 +5,7 @@
 pub mod config;
 mod convert;
 mod error;
+mod rerank;
 pub mod service;
 mod stream;
 
@@ -34,6 +35,7 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
         contexts: config.contexts,
         queue: config.queue_depth,
         flash_attention: config.flash_attention,
+        pad_batches: config.pad_batches,
     };
     let holder = llama_agent_models::lease_holder("llama-embedder");
     ModelPool::new(

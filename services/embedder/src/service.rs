@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use llama_agent_engine::embed::{EmbedRequest, EmbeddingEngine};
+use llama_agent_engine::embed::{EmbedRequest, EmbeddingEngine, Pooling};
 use llama_agent_engine::EngineError;
 use llama_agent_models::{info, ModelPool};
 use llama_agent_proto::embedder::v1 as pb;
@@ -142,6 +142,17 @@ impl EmbedderService for EmbedderGrpc {
             max_batch_tokens: serving.max_batch_tokens,
             max_texts_per_batch: serving.max_seqs_per_batch,
             contexts: serving.contexts,
+            reranker: engine.pooling() == Pooling::Rank,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model, documents = req.get_ref().documents.len()))]
+    async fn rerank(
+        &self,
+        req: Request<pb::RerankRequest>,
+    ) -> Result<Response<pb::RerankResponse>, Status> {
+        let deadline = llama_agent_common::grpc::deadline(req.metadata());
+        let out = crate::rerank::rerank(&self.pool, req.into_inner(), deadline).await?;
+        Ok(Response::new(out))
     }
 }

@@ -6,6 +6,9 @@ pub enum EngineError {
     Load { path: String, reason: String },
     #[error("{0}")]
     InvalidRequest(String),
+    /// The model cannot do what was asked (embedding with a reranker, or the reverse).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("request queue is full ({0} waiting); retry later")]
     QueueFull(usize),
     #[error("the engine stopped")]

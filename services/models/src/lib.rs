@@ -84,7 +84,7 @@ fn engine_code(e: &EngineError) -> tonic::Code {
         EngineError::QueueFull(_) | EngineError::DoesNotFit(_) => tonic::Code::ResourceExhausted,
         EngineError::Stopped => tonic::Code::Unavailable,
         // The file is there but llama.cpp cannot use it (unsupported architecture, bad GGUF).
-        EngineError::Load { .. } => tonic::Code::FailedPrecondition,
+        EngineError::Load { .. } | EngineError::Unsupported(_) => tonic::Code::FailedPrecondition,
         EngineError::Backend(_) | EngineError::Llama(_) => tonic::Code::Internal,
     }
 }

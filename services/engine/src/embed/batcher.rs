@@ -3,6 +3,7 @@
 //! batch and a large one fills several.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
@@ -11,20 +12,44 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
-use super::request::{EmbedRequest, Embedded, Pooling};
+use super::layout::{output_positions, Layout, Part, Shape};
+use super::pairs::{pair_error, PairFormat};
+use super::request::{EmbedRequest, Embedded, Pooling, RerankRequest};
 use super::vectors::{cap_tokens, l2_normalize, pool};
 use crate::queue::SharedJobs;
 use crate::EngineError;
 
 pub(super) struct Job {
-    req: EmbedRequest,
+    work: Work,
     reply: oneshot::Sender<Result<Embedded, EngineError>>,
 }
 
+/// What a job asks: texts to embed, or documents to score against a query.
+pub(super) enum Work {
+    Embed(EmbedRequest),
+    Rerank(RerankRequest),
+}
+
+impl Work {
+    fn span(&self) -> &tracing::Span {
+        match self {
+            Work::Embed(r) => &r.span,
+            Work::Rerank(r) => &r.span,
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Work::Embed(r) => r.deadline,
+            Work::Rerank(r) => r.deadline,
+        }
+    }
+}
+
 impl Job {
-    pub fn new(req: EmbedRequest) -> (Self, oneshot::Receiver<Result<Embedded, EngineError>>) {
+    pub fn new(work: Work) -> (Self, oneshot::Receiver<Result<Embedded, EngineError>>) {
         let (reply, rx) = oneshot::channel();
-        (Self { req, reply }, rx)
+        (Self { work, reply }, rx)
     }
 }
 
@@ -36,6 +61,26 @@ pub(super) struct Limits {
     pub dim: usize,
     pub pooling: Pooling,
     pub keep_last: bool,
+    /// How a reranker (pooling rank) joins a query and a document; `None` for embedders.
+    pub pairs: Option<Arc<PairFormat>>,
+    /// Whether only the token rows a sequence's pooling reads are output (its last for last
+    /// pooling): llama.cpp then skips the rest of the last layer for the others and copies
+    /// one row per sequence to the host, not one per token (8 MB per 2048-token batch of a
+    /// 1024-wide model). Otherwise every token is output.
+    pub select_outputs: bool,
+    /// Every batch padded to one shape (see [`super::layout`]).
+    pub pad: bool,
+}
+
+impl Limits {
+    fn shape(&self) -> Shape {
+        Shape {
+            tokens: self.max_batch_tokens,
+            seqs: self.max_seqs,
+            select: self.select_outputs,
+            pad: self.pad,
+        }
+    }
 }
 
 /// An admitted request: its texts tokenized, its vectors filling in.
@@ -49,7 +94,6 @@ struct Active {
     /// Tokens of rows not yet in a batch.
     waiting_tokens: usize,
     done: usize,
-    normalize: bool,
     out: Embedded,
 }
 
@@ -59,13 +103,17 @@ impl Active {
     }
 }
 
-/// Where one sequence of the current batch came from.
+/// Where one sequence of the current batch came from, and where its output rows are.
 struct Seq {
     job: usize,
     row: usize,
-    first: i32,
-    len: usize,
+    /// Its first output row among the batch's outputs, and how many it has.
+    out_first: usize,
+    out_len: usize,
 }
+
+/// The padding sequence's token: any id in the vocabulary does, as its rows are never read.
+const PAD_TOKEN: LlamaToken = LlamaToken(0);
 
 pub(super) struct Batcher<'m> {
     model: &'m LlamaModel,
@@ -120,21 +168,41 @@ impl<'m> Batcher<'m> {
     /// Tokenizes a request; a text that is empty of tokens or too long (and not to be cut)
     /// rejects the whole request, naming the row, before any work is done for it.
     fn admit(&mut self, job: Job) {
-        let Job { req, reply } = job;
-        let _entered = req.span.enter();
-        match self.prepare(&req) {
+        let Job { work, reply } = job;
+        let _entered = work.span().enter();
+        let started = Instant::now();
+        let prepared = match (&work, &self.limits.pairs) {
+            (Work::Embed(req), None) => self.prepare(req),
+            (Work::Rerank(req), Some(pairs)) => self.prepare_pairs(req, pairs),
+            (Work::Embed(_), Some(_)) => Err(EngineError::Unsupported(
+                "the model is a reranker (pooling rank): it scores query and document pairs \
+                 with Rerank, it does not embed"
+                    .into(),
+            )),
+            (Work::Rerank(_), None) => Err(EngineError::Unsupported(format!(
+                "the model is not a reranker: its pooling is {}, not rank; rerank with a \
+                 cross-encoder GGUF",
+                self.limits.pooling.name()
+            ))),
+        };
+        match prepared {
             Ok((tokens, out)) => {
                 let waiting_tokens = tokens.iter().map(Vec::len).sum();
+                tracing::debug!(
+                    rows = tokens.len(),
+                    tokens = waiting_tokens,
+                    ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "admitted"
+                );
                 drop(_entered);
                 self.active.push_back(Active {
                     reply,
-                    deadline: req.deadline,
-                    span: req.span,
+                    deadline: work.deadline(),
+                    span: work.span().clone(),
                     tokens,
                     next: 0,
                     waiting_tokens,
                     done: 0,
-                    normalize: req.params.normalize,
                     out,
                 });
             }
@@ -203,42 +271,122 @@ impl<'m> Batcher<'m> {
         Ok((tokens, out))
     }
 
+    /// Each document joined with the query as the model's rerank form says; a pair too long
+    /// for one sequence has its document cut (when the request allows) or rejects the request.
+    fn prepare_pairs(
+        &self,
+        req: &RerankRequest,
+        pairs: &PairFormat,
+    ) -> Result<(Vec<Vec<LlamaToken>>, Embedded), EngineError> {
+        if req.documents.is_empty() {
+            return Err(EngineError::InvalidRequest("no documents to rerank".into()));
+        }
+        let query_tokens = self
+            .model
+            .vocab()
+            .tokenize(req.query.as_bytes(), false, false);
+        let cap = self.limits.max_tokens_per_text;
+        let n = req.documents.len();
+        let (mut tokens, mut token_counts, mut truncated) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (row, doc) in req.documents.iter().enumerate() {
+            let (t, cut) = pairs
+                .tokens(
+                    self.model,
+                    (&req.query, &query_tokens),
+                    doc,
+                    cap,
+                    req.truncate,
+                )
+                .map_err(|e| pair_error(row, e))?;
+            token_counts.push(t.len() as u32);
+            truncated.push(cut);
+            tokens.push(t);
+        }
+        let dim = self.limits.dim;
+        let out = Embedded {
+            dim,
+            vectors: vec![0.0; dim * n],
+            token_counts,
+            truncated,
+            pooling: Pooling::Rank,
+            normalized: false,
+        };
+        Ok((tokens, out))
+    }
+
     /// One llama.cpp batch: whole rows, oldest request first, up to the token and sequence
     /// budgets; then each sequence is pooled into its request and finished requests answered.
     fn step(&mut self) {
-        self.batch.clear();
-        let mut seqs: Vec<Seq> = Vec::new();
+        let shape = self.limits.shape();
+        let mut picked: Vec<(usize, usize)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         let mut n_tokens = 0usize;
         'fill: for (j, a) in self.active.iter_mut().enumerate() {
             while a.next < a.tokens.len() {
-                let t = &a.tokens[a.next];
-                if n_tokens + t.len() > self.limits.max_batch_tokens
-                    || seqs.len() == self.limits.max_seqs
-                {
+                let len = a.tokens[a.next].len();
+                if n_tokens + len > shape.tokens || parts.len() == shape.real_seqs() {
                     break 'fill;
                 }
-                let seq_id = seqs.len() as i32;
-                for (pos, tok) in t.iter().enumerate() {
-                    // Room was checked above; llama.cpp's batch holds max_batch_tokens.
-                    if let Err(e) = self.batch.add(*tok, pos as i32, &[seq_id], true) {
-                        tracing::error!(error = %e, "batch add failed");
-                        break 'fill;
-                    }
-                }
-                seqs.push(Seq {
-                    job: j,
-                    row: a.next,
-                    first: n_tokens as i32,
-                    len: t.len(),
+                picked.push((j, a.next));
+                parts.push(Part {
+                    len,
+                    needed: output_positions(a.out.pooling, len, shape.select),
                 });
-                n_tokens += t.len();
-                a.waiting_tokens -= t.len();
+                n_tokens += len;
+                a.waiting_tokens -= len;
                 a.next += 1;
             }
         }
-        if seqs.is_empty() {
+        if parts.is_empty() {
             return;
         }
+        let layout = Layout::new(&parts, &shape);
+        // Batch indices of the first and last output token.
+        let (mut first_out, mut last_out) = (None, 0usize);
+        let mut flag = |index: usize, output: bool| {
+            if output {
+                first_out.get_or_insert(index);
+                last_out = index;
+            }
+            output
+        };
+        let seqs: Vec<Seq> = picked
+            .iter()
+            .enumerate()
+            .map(|(i, &(job, row))| Seq {
+                job,
+                row,
+                out_first: layout.out_first[i],
+                out_len: parts[i].needed.len(),
+            })
+            .collect();
+        self.batch.clear();
+        let mut index = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            for (pos, tok) in self.active[s.job].tokens[s.row].iter().enumerate() {
+                let output = flag(index, layout.is_output(&parts, i, pos));
+                // Room was checked above; llama.cpp's batch holds max_batch_tokens.
+                if let Err(e) = self.batch.add(*tok, pos as i32, &[i as i32], output) {
+                    tracing::error!(error = %e, "batch add failed");
+                    return self.fail_batch(&seqs, "the batch could not be built");
+                }
+                index += 1;
+            }
+        }
+        let pad_seq = [parts.len() as i32];
+        for pos in 0..layout.pad_len {
+            let output = flag(index, pos < layout.pad_outputs);
+            if let Err(e) = self.batch.add(PAD_TOKEN, pos as i32, &pad_seq, output) {
+                tracing::error!(error = %e, "batch add failed");
+                return self.fail_batch(&seqs, "the batch could not be built");
+            }
+            index += 1;
+        }
+        let outputs = (first_out.unwrap_or(0), last_out, layout.n_outputs);
         let started = Instant::now();
         let decoded = self.ctx.decode(&mut self.batch);
         if let Err(e) = decoded {
@@ -246,7 +394,8 @@ impl<'m> Batcher<'m> {
             self.fail_batch(&seqs, &format!("decode failed: {e}"));
             return;
         }
-        if let Err(e) = self.collect_all(&seqs, n_tokens) {
+        let decoded_at = Instant::now();
+        if let Err(e) = self.collect_all(&seqs, outputs) {
             self.fail_batch(&seqs, &e);
             return;
         }
@@ -256,23 +405,45 @@ impl<'m> Batcher<'m> {
         crate::metrics::EMBED_BATCH_TOKENS.observe(n_tokens as f64);
         crate::metrics::EMBED_TEXTS.inc_by(seqs.len() as u64);
         crate::metrics::EMBED_TOKENS.inc_by(n_tokens as u64);
+        // Where a batch's time goes: llama.cpp's decode (on a GPU: launching and waiting
+        // for the kernels), then reading and pooling the output rows.
         tracing::debug!(
             seqs = seqs.len(),
             tokens = n_tokens,
+            outputs = layout.n_outputs,
+            padding = layout.pad_len,
             ms = started.elapsed().as_secs_f64() * 1000.0,
+            collect_ms = decoded_at.elapsed().as_secs_f64() * 1000.0,
             "embedding batch"
         );
         self.answer_finished();
     }
 
-    /// Pools every sequence of the batch into its request's output rows.
-    fn collect_all(&mut self, seqs: &[Seq], n_tokens: usize) -> Result<(), String> {
+    /// Pools every sequence of the batch into its request's output rows; `outputs` are the
+    /// batch indices of the first and last output token and the number of outputs.
+    fn collect_all(&mut self, seqs: &[Seq], outputs: (usize, usize, usize)) -> Result<(), String> {
         let dim = self.limits.dim;
-        let all = token_vectors(&self.ctx, n_tokens, dim)?;
+        if self.limits.pairs.is_some() {
+            // llama.cpp ran the classification head: one row of scores per sequence.
+            for (seq_id, s) in seqs.iter().enumerate() {
+                let scores = self
+                    .ctx
+                    .embeddings_seq_ith(seq_id as i32)
+                    .map_err(|e| format!("reading the scores of sequence {seq_id}: {e}"))?;
+                if scores.len() < dim {
+                    return Err(format!("the model gave {} scores, not {dim}", scores.len()));
+                }
+                let a = &mut self.active[s.job];
+                a.out.vectors[s.row * dim..(s.row + 1) * dim].copy_from_slice(&scores[..dim]);
+                a.done += 1;
+            }
+            return Ok(());
+        }
+        let all = token_vectors(&self.ctx, outputs, dim)?;
         let mut rows: Vec<&[f32]> = Vec::new();
         for s in seqs {
             rows.clear();
-            rows.extend(all[s.first as usize * dim..][..s.len * dim].chunks_exact(dim));
+            rows.extend(all[s.out_first * dim..][..s.out_len * dim].chunks_exact(dim));
             let a = &mut self.active[s.job];
             collect(a, s.row, &rows, &mut self.scratch);
         }
@@ -312,37 +483,38 @@ fn collect(a: &mut Active, row: usize, tokens: &[&[f32]], scratch: &mut [f32]) {
     let dim = a.out.dim;
     let v = &mut a.out.vectors[row * dim..(row + 1) * dim];
     v.copy_from_slice(&scratch[..dim]);
-    if a.normalize {
+    if a.out.normalized {
         l2_normalize(v);
     }
     a.done += 1;
 }
 
-/// The token vectors of the last batch, `n_tokens` rows of `dim`, in batch order.
+/// The output token vectors of the last batch, `n_outputs` rows of `dim` in batch order;
+/// `first` and `last` are the batch indices of the first and last output token.
 ///
 /// Each `embeddings_ith` call synchronises every backend (a CUDA stream sync, microseconds
 /// each), so one call per token cost milliseconds per batch on a GPU. llama.cpp keeps the
-/// rows of an all-output batch in one buffer in batch order; the first and last rows are
-/// read through the API and the span between them is used only when it is exactly that.
+/// output rows of a batch in one buffer in batch order; the first and last rows are read
+/// through the API and the span between them is used only when it is exactly that.
 fn token_vectors<'c>(
     ctx: &'c LlamaContext<'_>,
-    n_tokens: usize,
+    (first, last, n_outputs): (usize, usize, usize),
     dim: usize,
 ) -> Result<&'c [f32], String> {
     let row = |i: usize| {
         ctx.embeddings_ith(i as i32)
             .map_err(|e| format!("reading token vector {i}: {e}"))
     };
-    let (first, last) = (row(0)?, row(n_tokens - 1)?);
+    let (first, last) = (row(first)?, row(last)?);
     if first.len() < dim || last.len() < dim {
         return Err(format!("token vectors are narrower than {dim}"));
     }
-    let span = (n_tokens - 1) * dim;
+    let span = (n_outputs - 1) * dim;
     if first.as_ptr().wrapping_add(span) != last.as_ptr() {
         return Err("llama.cpp's token vectors are not in batch order".into());
     }
     // SAFETY: `first` and `last` point into llama.cpp's one output buffer (rows of `dim`
-    // floats), `last` exactly `n_tokens - 1` rows after `first`, so the whole span is
+    // floats), `last` exactly `n_outputs - 1` rows after `first`, so the whole span is
     // initialised floats of that allocation; it lives until the next decode, which needs
     // `&mut` of the context this borrow holds.
     Ok(unsafe { std::slice::from_raw_parts(first.as_ptr(), span + dim) })

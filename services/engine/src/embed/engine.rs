@@ -10,8 +10,9 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use tokio::sync::oneshot;
 
-use super::batcher::{Batcher, Job, Limits};
-use super::request::{EmbedRequest, Embedded, Pooling};
+use super::batcher::{Batcher, Job, Limits, Work};
+use super::pairs::PairFormat;
+use super::request::{EmbedRequest, Embedded, Pooling, RerankRequest};
 use crate::model::{self, LoadOptions, ModelMeta};
 use crate::queue::{or_report, Jobs, Queue, ReadyTx, SharedJobs};
 use crate::{init_backend, EngineError, Tokenizer};
@@ -45,6 +46,13 @@ pub struct EmbeddingOptions {
     /// llama.cpp's flash attention: about twice as fast on CPU for encoders, but it rounds K
     /// and V to F16, so results then depend on packing by up to ~2e-4 per value.
     pub flash_attention: bool,
+    /// Every batch padded to the full batch shape, so the CUDA backend replays one captured
+    /// CUDA graph per context (see [`super::layout`]). `None`: for an encoder wholly on a
+    /// GPU. On the H200, 100k texts with MiniLM took 3.7-4.0 s padded against 4.5 s (3.5
+    /// against 3.9 s with 8 contexts), while the Qwen3-Embedding-0.6B shape, whose batches
+    /// keep the GPU's arithmetic busy, took 21.8 s padded against 20.9 s: padding is then
+    /// only work.
+    pub pad_batches: Option<bool>,
 }
 
 pub type Reply = oneshot::Receiver<Result<Embedded, EngineError>>;
@@ -148,7 +156,24 @@ impl EmbeddingEngine {
     /// Queues a request. Never blocks: a full queue is an error the caller turns into
     /// RESOURCE_EXHAUSTED.
     pub fn submit(&self, req: EmbedRequest) -> Result<Reply, EngineError> {
-        let (job, rx) = Job::new(req);
+        self.submit_work(Work::Embed(req))
+    }
+
+    /// Queues a reranking: the reply's rows are each document's scores (the first is the
+    /// score), in request order. A model that is not a reranker is refused here.
+    pub fn rerank(&self, req: RerankRequest) -> Result<Reply, EngineError> {
+        if self.pooling != Pooling::Rank {
+            return Err(EngineError::Unsupported(format!(
+                "the model is not a reranker: its pooling is {}, not rank; rerank with a \
+                 cross-encoder GGUF (pooling_type rank)",
+                self.pooling.name()
+            )));
+        }
+        self.submit_work(Work::Rerank(req))
+    }
+
+    fn submit_work(&self, work: Work) -> Result<Reply, EngineError> {
+        let (job, rx) = Job::new(work);
         self.jobs.try_submit(job)?;
         Ok(rx)
     }
@@ -156,7 +181,7 @@ impl EmbeddingEngine {
     /// Queues a request, waiting for room. For callers whose own backlog is already bounded
     /// (an admitted stream with a fixed number of batches in flight).
     pub async fn submit_waiting(&self, req: EmbedRequest) -> Result<Reply, EngineError> {
-        let (job, rx) = Job::new(req);
+        let (job, rx) = Job::new(Work::Embed(req));
         self.jobs.submit_waiting(job).await?;
         Ok(rx)
     }
@@ -173,11 +198,10 @@ impl BatchShape {
     /// An encoder attends across its whole packed batch (other texts masked out), so the
     /// cost of a batch of short texts grows with its square: 512 tokens measured as fast as
     /// 2048 on CPU with a third less memory. A causal decoder's cost grows with its length
-    /// alone, and on a GPU fewer, bigger batches pay fewer per-batch costs: 2048 tokens
-    /// embedded 100k texts with the Qwen3-Embedding-0.6B shape in 42 s on the H200 against
-    /// 60 s with 512. Not on a CPU: llama.cpp still computes the LM head of every token
-    /// there, a compute buffer of tokens x vocabulary floats (2 GB at 2048 tokens for a
-    /// 262k vocabulary).
+    /// alone, and on a GPU fewer, bigger batches pay fewer per-batch costs: on the H200, 100k
+    /// texts with the Qwen3-Embedding-0.6B shape took 20.9 s with 2048 tokens and 23.2 s with
+    /// 1024 (4 contexts), 28.9 s with 512 (8 contexts). On a CPU decoders keep the encoders'
+    /// 512 (BENCHMARKS.md has the 2-core measurement).
     fn for_model(opts: &EmbeddingOptions, causal: bool, on_gpu: bool) -> Self {
         let (tokens, seqs) = if causal && on_gpu {
             (2048, 256)
@@ -203,14 +227,29 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
     let contexts = opts
         .contexts
         .unwrap_or(if on_gpu { GPU_CONTEXTS } else { 1 });
+    let pooling = model_pooling(&model, &meta.architecture, causal);
+    let rank = pooling == Pooling::Rank;
     let limits = Limits {
         max_batch_tokens: shape.tokens as usize,
         max_seqs: shape.seqs as usize,
         max_tokens_per_text: meta.n_ctx_train.min(shape.tokens) as usize,
-        dim: model.n_embd_out().max(0) as usize,
-        pooling: model_pooling(&model, &meta.architecture, causal),
+        // A reranker's rows are its classification head's outputs.
+        dim: if rank {
+            model.n_cls_out() as usize
+        } else {
+            model.n_embd_out().max(0) as usize
+        },
+        pooling,
         // BERT-style tokenizers close every text with [SEP]/EOS; a cut text keeps it.
         keep_last: model.vocab().should_add_eos() || model.vocab().should_add_sep(),
+        pairs: rank.then(|| Arc::new(PairFormat::for_model(&model))),
+        // llama.cpp decodes a causal model (an encoder is encoded, every token out) and, with
+        // its own pooling off, honours the batch's output flags (llama.cpp-patches/apply.cmake).
+        select_outputs: causal && !rank,
+        // Padding positions run up to the batch size, which the model must have room for.
+        pad: opts.pad_batches.unwrap_or(on_gpu && !causal)
+            && !rank
+            && shape.tokens <= meta.n_ctx_train,
     };
     let info = Ready {
         meta,
@@ -225,7 +264,13 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
         },
         tokenizer: Tokenizer::new(Arc::clone(&model)),
     };
-    tracing::debug!(?shape, contexts, causal, "embedding engine");
+    tracing::debug!(
+        ?shape,
+        contexts,
+        causal,
+        pad = limits.pad,
+        "embedding engine"
+    );
     let jobs = SharedJobs::new(rx);
     // Every context takes whole requests from the one queue. A context is not `Send`, so
     // each is made on the thread that uses it; the engine is ready once all of them exist.
@@ -236,7 +281,7 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
             let (model, opts, jobs, limits) = (&*model, &opts, &jobs, limits.clone());
             let spawned = std::thread::Builder::new()
                 .name(helper_name(i))
-                .spawn_scoped(scope, move || match new_context(model, opts, shape) {
+                .spawn_scoped(scope, move || match new_context(model, opts, shape, rank) {
                     Ok(ctx) => {
                         let _ = made.send(Ok(()));
                         drop(made);
@@ -252,7 +297,7 @@ fn run(path: &Path, opts: EmbeddingOptions, rx: Jobs<Job>, ready: ReadyTx<Ready>
             }
         }
         drop(made_tx);
-        let Some(ctx) = or_report(new_context(&model, &opts, shape), &ready) else {
+        let Some(ctx) = or_report(new_context(&model, &opts, shape, rank), &ready) else {
             return;
         };
         for _ in 1..contexts {
@@ -291,12 +336,18 @@ fn new_context<'m>(
     model: &'m LlamaModel,
     opts: &EmbeddingOptions,
     shape: BatchShape,
+    rank: bool,
 ) -> Result<LlamaContext<'m>, EngineError> {
     let threads = model::threads(model, &opts.load);
     let params = LlamaContextParams::default()
         .with_embeddings(true)
-        // Token vectors come out and are pooled here, so each request may pick its pooling.
-        .with_pooling_type(LlamaPoolingType::None)
+        // Token vectors come out and are pooled here, so each request may pick its pooling;
+        // a reranker's classification head runs in llama.cpp's graph.
+        .with_pooling_type(if rank {
+            LlamaPoolingType::Rank
+        } else {
+            LlamaPoolingType::None
+        })
         .with_n_ctx(NonZeroU32::new(shape.tokens))
         // A non-causal model must see a whole batch in one ubatch.
         .with_n_batch(shape.tokens)
@@ -337,6 +388,7 @@ fn model_pooling(model: &LlamaModel, arch: &str, causal: bool) -> Pooling {
         Some(1) => Pooling::Mean,
         Some(2) => Pooling::Cls,
         Some(3) => Pooling::Last,
+        Some(4) => Pooling::Rank,
         _ if causal => Pooling::Last,
         _ => Pooling::Mean,
     }

@@ -10,6 +10,9 @@ pub enum Pooling {
     Cls,
     /// The last token's vector (causal embedding models).
     Last,
+    /// A cross-encoder's classification head over the whole (query, document) pair: scores,
+    /// not vectors, computed by llama.cpp (rerankers only).
+    Rank,
 }
 
 impl Pooling {
@@ -18,6 +21,7 @@ impl Pooling {
             Pooling::Mean => "mean",
             Pooling::Cls => "cls",
             Pooling::Last => "last",
+            Pooling::Rank => "rank",
         }
     }
 }
@@ -61,7 +65,19 @@ pub struct EmbedRequest {
     pub span: tracing::Span,
 }
 
-/// Row-major vectors, one per text, in request order.
+/// A query scored against documents by a reranker, each pair one sequence.
+#[derive(Clone, Debug)]
+pub struct RerankRequest {
+    pub query: String,
+    pub documents: Vec<String>,
+    /// Cut a document whose pair is too long (reported per row) instead of rejecting.
+    pub truncate: bool,
+    pub deadline: Option<Instant>,
+    pub span: tracing::Span,
+}
+
+/// Row-major vectors, one per text, in request order. For a reranker, the classification
+/// head's outputs per document (`dim` of them, the first being the score).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Embedded {
     pub dim: usize,

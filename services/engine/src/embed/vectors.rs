@@ -23,7 +23,8 @@ pub(super) fn cap_tokens<T: Copy>(tokens: &mut Vec<T>, cap: usize, keep_last: bo
 pub(super) fn pool(pooling: Pooling, rows: &[&[f32]], out: &mut [f32]) {
     out.fill(0.0);
     let pick = match pooling {
-        Pooling::Cls => rows.first(),
+        // A reranker's scores come from llama.cpp's own head, never from token rows.
+        Pooling::Cls | Pooling::Rank => rows.first(),
         Pooling::Last => rows.last(),
         Pooling::Mean => {
             for row in rows {
