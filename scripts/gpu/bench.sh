@@ -13,7 +13,11 @@
 #                                 prompt, 10-turn chat) against llama-server's cache_prompt
 #   scripts/gpu/bench.sh cpu      the same machine's CPU: 1 and 8 streams, GPU module left out
 #   scripts/gpu/bench.sh embed    llama-cli embed of 100k texts (MiniLM, Qwen3-Embedding shape)
-#                                 against llama-server --embeddings; MiniLM on the CPU too
+#                                 against llama-server --embeddings (PEER_N texts); MiniLM on
+#                                 the CPU too (EMBED_CPU=0: not)
+#   scripts/gpu/bench.sh embed-sweep  ours only, 100k texts, per SWEEP="model:flags;..." setting
+#   scripts/gpu/bench.sh embed-profile  where an embedding run's time goes (PROFILE="model:flags;...")
+#   scripts/gpu/bench.sh embed-nsys  the busiest GPU kernels of one embedding run (NSYS="model:flags")
 #   scripts/gpu/bench.sh all      every phase in order
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -138,6 +142,7 @@ embed() {
         # The peer on the first 20k (MiniLM) or 10k texts: at its speed all 100k take minutes.
         local n=20000 pool=()
         [[ $model == qwen3* ]] && n=10000 pool=(--pooling last)
+        n=${PEER_N:-$n}
         say "peer: llama-server --embeddings, $n texts, batches of 256, 4 in flight"
         "$PEERS/llama-server" -m "$M/$model.gguf" --embeddings "${pool[@]}" -ngl 99 -np 8 -c 8192 \
             -b 2048 -ub 2048 --port 18181 >"$W/peer-$model.log" 2>&1 &
@@ -146,6 +151,7 @@ embed() {
         python3 "$ROOT/scripts/gpu/peer_embed.py" 18181 "$W/t100k.txt" "$n" 256 4
         kill "$pid"; wait "$pid" 2>/dev/null || true
     done
+    [[ ${EMBED_CPU:-1} == 1 ]] || return 0
     say "CPU (GGML_CUDA=0; the peer with no visible GPU), 20k texts, MiniLM"
     head -n 20000 "$W/t100k.txt" > "$W/t20k.txt"
     local t0 t1
@@ -162,6 +168,83 @@ embed() {
     kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
+# Ours only, 100k texts, one run per setting: SWEEP="model:flags;..." (flags space-separated),
+# e.g. SWEEP="minilm-q8_0:--contexts 4;minilm-q8_0:--contexts 8". Where the time goes, without
+# the peers' minutes.
+embed_sweep() {
+    [[ -f "$W/t100k.txt" ]] || texts 100000 "$W/t100k.txt"
+    local item model flags t0 t1 rc
+    IFS=';' read -ra items <<< "${SWEEP:?SWEEP=model:flags;...}"
+    for item in "${items[@]}"; do
+        model=${item%%:*} flags=${item#*:}
+        rm -f "$W/out.parquet"
+        rc=0
+        t0=$(date +%s.%N)
+        # shellcheck disable=SC2086
+        "$BIN/llama-cli" embed --model "$M/$model.gguf" --input "$W/t100k.txt" \
+            --output "$W/out.parquet" --batch-size 256 $flags 2>"$W/sweep.err" || rc=$?
+        t1=$(date +%s.%N)
+        python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); print(f'{sys.argv[4]} [{sys.argv[5]}]: {s:.1f} s wall, {100000/s:,.0f} texts/s, exit {sys.argv[3]}')" \
+            "$t0" "$t1" "$rc" "$model" "$flags"
+        ((rc == 0)) || tail -n 5 "$W/sweep.err"
+    done
+}
+
+# One run per model (and SWEEP-style flags in PROFILE="model:flags;..."), with the engine's
+# per-batch debug lines summarised by embed_profile.py and the GPU's utilisation sampled.
+embed_profile() {
+    [[ -f "$W/t100k.txt" ]] || texts 100000 "$W/t100k.txt"
+    local item model flags t0 t1
+    IFS=';' read -ra items <<< "${PROFILE:-minilm-q8_0:;qwen3-emb-0.6b-Q8_0:}"
+    for item in "${items[@]}"; do
+        model=${item%%:*} flags=${item#*:}
+        say "profile: $model [$flags]"
+        rm -f "$W/out.parquet"
+        nvidia-smi dmon -s u -d 1 > "$W/dmon.txt" 2>&1 &
+        local dmon=$!
+        t0=$(date +%s.%N)
+        # shellcheck disable=SC2086
+        RUST_LOG=info,llama_agent_engine=debug "$BIN/llama-cli" --log-format json embed \
+            --model "$M/$model.gguf" --input "$W/t100k.txt" --output "$W/out.parquet" \
+            --batch-size 256 $flags 2>"$W/profile.log" || tail -n 3 "$W/profile.log"
+        t1=$(date +%s.%N)
+        kill "$dmon"; wait "$dmon" 2>/dev/null || true
+        python3 "$ROOT/scripts/gpu/embed_profile.py" "$W/profile.log" "$t0" "$t1"
+        # SM utilisation (%) per second while it ran.
+        awk '$1 ~ /^[0-9]+$/ {printf "%s ", $2} END {print ""}' "$W/dmon.txt" | sed 's/^/  sm% /'
+    done
+}
+
+# Which kernels the GPU's time goes to (Nsight Systems, where the machine has it), on the first
+# NSYS_N texts (default 10k) of one NSYS="model:flags" run: the busiest kernels, and how busy
+# the GPU was against the run's wall time.
+embed_nsys() {
+    local nsys
+    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/*/bin/nsys 2>/dev/null | head -n 1) ||
+        true
+    [[ -n "$nsys" ]] || { echo "nsys: not on this machine"; return 0; }
+    [[ -f "$W/t100k.txt" ]] || texts 100000 "$W/t100k.txt"
+    local spec="${NSYS:-qwen3-emb-0.6b-Q8_0:}" n="${NSYS_N:-10000}"
+    local model=${spec%%:*} flags=${spec#*:}
+    head -n "$n" "$W/t100k.txt" > "$W/tn.txt"
+    say "nsys: $model [$flags], $n texts"
+    rm -f "$W/out.parquet" "$W/nsys".*
+    # shellcheck disable=SC2086
+    "$nsys" profile --trace=cuda --sample=none --cpuctxsw=none -o "$W/nsys" \
+        "$BIN/llama-cli" embed --model "$M/$model.gguf" --input "$W/tn.txt" \
+        --output "$W/out.parquet" --batch-size 256 $flags >/dev/null 2>"$W/nsys.err" || tail -n 3 "$W/nsys.err"
+    "$nsys" stats --report cuda_gpu_kern_sum --format csv "$W/nsys.nsys-rep" 2>/dev/null |
+        python3 -c "
+import csv, sys
+rows = [r for r in csv.DictReader(l for l in sys.stdin if l.count(',') > 3)]
+total = sum(float(r['Total Time (ns)']) for r in rows)
+print(f'kernels: {total/1e9:.2f} s in {sum(int(r[\"Instances\"]) for r in rows):,} launches')
+for r in rows[:14]:
+    t = float(r['Total Time (ns)'])
+    print(f'  {100*t/total:5.1f}%  {t/1e9:6.2f} s  {int(r[\"Instances\"]):>8,}  {r[\"Name\"][:110]}')
+"
+}
+
 case "${1:-all}" in
     build) build ;;
     models) shift; models "$@" ;;
@@ -170,6 +253,9 @@ case "${1:-all}" in
     prompt-cache) prompt_cache ;;
     cpu) cpu ;;
     embed) embed ;;
+    embed-sweep) embed_sweep ;;
+    embed-profile) embed_profile ;;
+    embed-nsys) embed_nsys ;;
     all) build; models; smoke; generate; prompt_cache; cpu; embed ;;
-    *) echo "usage: $0 build|models [NAME...]|smoke|generate|prompt-cache|cpu|embed|all" >&2; exit 2 ;;
+    *) echo "usage: $0 build|models [NAME...]|smoke|generate|prompt-cache|cpu|embed|embed-sweep|embed-profile|embed-nsys|all" >&2; exit 2 ;;
 esac

@@ -89,7 +89,8 @@ pub fn init(format: LogFormat, service: &str) -> Telemetry {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().boxed(),
+        // The engine threads are named per model and context; a collector can tell them apart.
+        LogFormat::Json => fmt.json().with_thread_names(true).boxed(),
     };
     // Spans go out at info whatever RUST_LOG says (the CLI logs only warnings), without the
     // transport's own (which would also trace every export).

@@ -1,5 +1,5 @@
-//! Embedder benchmark, side by side in one run (see BENCHMARKS.md), all on the MiniLM F16
-//! test model with the same threads:
+//! Embedder benchmark, side by side in one run (see BENCHMARKS.md), all on one model (the
+//! MiniLM F16 test model unless `--model` says otherwise) with the same threads:
 //! - `llama-cli embed` end to end (input file → in-process gRPC embedder → Parquet);
 //! - llama.cpp's `llama-server --embeddings` (POST /v1/embeddings, `batch` inputs a request);
 //! - llama.cpp's `llama-embedding` (all texts in one run; it packs by tokens on its own);
@@ -7,7 +7,7 @@
 //!   texts/s for 1k and 10k short texts at batch 16, 32, 64, 128; then the CLI's peak RSS.
 //!
 //! Usage: bench-embed [--threads 2] [--counts 1000,10000] [--batches 16,32,64,128]
-//!        [--rss-counts 1000,10000,100000]
+//!        [--rss-counts 1000,10000,100000] [--model FILE --pooling last]
 
 use std::io::{BufRead, BufReader, Write};
 use std::num::NonZeroU32;
@@ -39,6 +39,37 @@ struct Args {
     max_batch_tokens: u32,
     #[arg(long, default_value_t = 64)]
     max_seqs: u32,
+    /// A GGUF (a path, or a file of the test models folder).
+    #[arg(long, default_value = MINILM_FILE)]
+    model: String,
+    /// The model's pooling, given to llama-server and the bare loop (ours reads the GGUF).
+    #[arg(long, value_enum, default_value_t = PoolingArg::Mean)]
+    pooling: PoolingArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PoolingArg {
+    Mean,
+    Cls,
+    Last,
+}
+
+impl PoolingArg {
+    fn name(self) -> &'static str {
+        match self {
+            PoolingArg::Mean => "mean",
+            PoolingArg::Cls => "cls",
+            PoolingArg::Last => "last",
+        }
+    }
+
+    fn llama(self) -> LlamaPoolingType {
+        match self {
+            PoolingArg::Mean => LlamaPoolingType::Mean,
+            PoolingArg::Cls => LlamaPoolingType::Cls,
+            PoolingArg::Last => LlamaPoolingType::Last,
+        }
+    }
 }
 
 const WORDS: &[&str] = &[
@@ -136,6 +167,7 @@ impl Bench {
                 "-ub",
                 &b,
             ])
+            .args(["--pooling", self.args.pooling.name()])
             .args(["--embd-normalize", "2", "--log-disable"]);
         Ok(timed(&mut c)?.0)
     }
@@ -156,6 +188,8 @@ fn start_server(b: &Bench) -> anyhow::Result<(std::process::Child, String)> {
             "127.0.0.1",
             "--port",
             &port.to_string(),
+            "--pooling",
+            b.args.pooling.name(),
         ])
         .args([
             "-t",
@@ -210,7 +244,7 @@ async fn server_rate(url: &str, texts: &[String], batch: usize) -> anyhow::Resul
 }
 
 /// A bare llama-cpp-2 loop: texts packed into batches of at most `max_batch_tokens` tokens
-/// and `max_seqs` sequences, mean pooling in llama.cpp's graph, normalized here.
+/// and `max_seqs` sequences, pooled in llama.cpp's graph, normalized here.
 fn bare_rate(
     args: &Args,
     backend: &LlamaBackend,
@@ -219,7 +253,7 @@ fn bare_rate(
 ) -> anyhow::Result<f64> {
     let params = LlamaContextParams::default()
         .with_embeddings(true)
-        .with_pooling_type(LlamaPoolingType::Mean)
+        .with_pooling_type(args.pooling.llama())
         .with_n_ctx(NonZeroU32::new(args.max_batch_tokens))
         .with_n_batch(args.max_batch_tokens)
         .with_n_ubatch(args.max_batch_tokens)
@@ -266,8 +300,13 @@ fn bare_rate(
 async fn main() -> anyhow::Result<()> {
     llama_agent_tests::support::leave_openmp_alone();
     let args = Args::parse();
+    let path = PathBuf::from(&args.model);
     let bench = Bench {
-        model: model(MINILM_FILE),
+        model: if path.is_file() {
+            path
+        } else {
+            model(&args.model)
+        },
         work: tempfile::tempdir()?,
         llama_bin: repo_root().join(".bench/llama.cpp/build/bin"),
         args,
@@ -289,8 +328,12 @@ async fn main() -> anyhow::Result<()> {
         LlamaModel::load_from_file(backend, &bench.model, &LlamaModelParams::default())?;
 
     println!(
-        "model {MINILM_FILE}, {} threads, embedder packing: {} tokens / {} sequences per batch",
-        a.threads, a.max_batch_tokens, a.max_seqs
+        "model {}, {} pooling, {} threads, embedder packing: {} tokens / {} sequences per batch",
+        bench.model.display(),
+        a.pooling.name(),
+        a.threads,
+        a.max_batch_tokens,
+        a.max_seqs
     );
     println!(
         "{:>6} {:>6} | {:>12} {:>12} {:>12} {:>12} | {:>10} {:>10}",
