@@ -30,5 +30,6 @@ if [[ ! -f "$MODEL" ]]; then
     rm -f "$OUT/qwen3-emb-0.6b-f16.gguf"
 fi
 cargo build --release --locked --workspace --bins >/dev/null
-exec target/release/bench-embed --model "$MODEL" --pooling last --counts 300 --batches 32 \
-    --rss-counts 300 "$@"
+# Through cargo, which puts llama.cpp's libraries (in the build script's folder) on the path.
+exec cargo run --release --locked --quiet -p llama-agent-tests --bin bench-embed -- \
+    --model "$MODEL" --pooling last --counts 300 --batches 32 --rss-counts 300 "$@"

@@ -273,6 +273,8 @@ fn bare_rate(
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             sink += v[0] / norm;
         }
+        // A causal model's KV cells stay behind; each batch starts from an empty cache.
+        ctx.clear_kv_cache();
         batch.clear();
         *seqs = 0;
         Ok(())
