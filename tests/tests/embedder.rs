@@ -70,8 +70,12 @@ fn reference() -> Reference {
 }
 
 fn request(texts: &[String], options: pb::EmbedOptions) -> pb::EmbedRequest {
+    request_for(MINILM_REPO, texts, options)
+}
+
+fn request_for(model: &str, texts: &[String], options: pb::EmbedOptions) -> pb::EmbedRequest {
     pb::EmbedRequest {
-        model: MINILM_REPO.into(),
+        model: model.into(),
         texts: texts.to_vec(),
         options: Some(options),
     }
@@ -247,11 +251,7 @@ async fn embed_like_llama_cpp(
         ..Default::default()
     };
     let r = c
-        .embed(pb::EmbedRequest {
-            model: QWEN_REPO.into(),
-            texts,
-            options: Some(options),
-        })
+        .embed(request_for(QWEN_REPO, &texts, options))
         .await
         .unwrap();
     assert_eq!(r.pooling, pb::Pooling::Last as i32, "the GGUF says last");
@@ -360,11 +360,7 @@ async fn decoder_last_token_pooling_matches_llama_cpp() {
                 ..Default::default()
             };
             let r = c
-                .embed(pb::EmbedRequest {
-                    model: QWEN_REPO.into(),
-                    texts,
-                    options: Some(options),
-                })
+                .embed(request_for(QWEN_REPO, &texts, options))
                 .await
                 .unwrap();
             assert_eq!(r.pooling, pooling as i32);

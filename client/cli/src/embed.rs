@@ -19,7 +19,7 @@ use llama_agent_client::{EmbedderClient, LoaderClient};
 use llama_embedder::EmbedderConfig;
 use tokio::sync::mpsc;
 
-use input::{Format, Input, Item, Row};
+use input::{Input, InputArgs, Item, Row};
 use meter::Meter;
 use output::{Checkpoint, FileMeta, Output, RunIdentity};
 
@@ -41,9 +41,8 @@ pub struct EmbedArgs {
     /// Model reference (`owner/repo`, `owner/repo:Q8_0`, a file, a local path).
     #[arg(long)]
     model: String,
-    /// Texts: a .txt file (one per line), a .jsonl file, or `-` for stdin.
-    #[arg(long)]
-    input: PathBuf,
+    #[command(flatten)]
+    source: InputArgs,
     /// The Parquet file to write.
     #[arg(long)]
     output: PathBuf,
@@ -56,18 +55,6 @@ pub struct EmbedArgs {
     /// Reject (fail) a text longer than --max-length instead of cutting it.
     #[arg(long)]
     no_truncate: bool,
-    /// JSON field holding the text (.jsonl).
-    #[arg(long, default_value = "text")]
-    text_field: String,
-    /// JSON field holding the id (.jsonl; the line number when absent).
-    #[arg(long, default_value = "id")]
-    id_field: String,
-    /// Input format when the extension does not tell (stdin is txt unless told).
-    #[arg(long, value_enum)]
-    format: Option<Format>,
-    /// Stop at the first bad line instead of reporting and skipping it.
-    #[arg(long)]
-    strict: bool,
     /// Leave the text column out.
     #[arg(long)]
     no_text: bool,
@@ -109,10 +96,10 @@ impl EmbedArgs {
         if self.row_group_rows == 0 {
             bail!("--row-group-rows must be at least 1");
         }
-        if self.resume && self.input.as_os_str() == "-" {
+        if self.resume && self.source.is_stdin() {
             bail!("--resume needs an input file (stdin cannot be read again)");
         }
-        if self.input == self.output {
+        if self.source.input == self.output {
             bail!("--input and --output are the same file");
         }
         if self.embedder_endpoint.is_none() {
@@ -142,11 +129,11 @@ impl EmbedArgs {
 
     /// The run as `--resume` must find it again.
     fn identity(&self) -> anyhow::Result<RunIdentity> {
-        let (input, input_len) = if self.input.as_os_str() == "-" {
+        let (input, input_len) = if self.source.is_stdin() {
             ("-".to_string(), 0)
         } else {
-            let canon = std::fs::canonicalize(&self.input)
-                .with_context(|| self.input.display().to_string())?;
+            let canon = std::fs::canonicalize(&self.source.input)
+                .with_context(|| self.source.input.display().to_string())?;
             let len = std::fs::metadata(&canon)?.len();
             (canon.display().to_string(), len)
         };
@@ -155,9 +142,9 @@ impl EmbedArgs {
             self.model,
             self.options(),
             !self.no_text,
-            self.text_field,
-            self.id_field,
-            self.format
+            self.source.text_field,
+            self.source.id_field,
+            self.source.format
         );
         Ok(RunIdentity {
             input,
@@ -190,8 +177,8 @@ pub async fn run(
         }
     };
 
-    let mut input = Input::open(&args.input, args.format, &args.text_field, &args.id_field)?;
-    let total_bytes = (args.input.as_os_str() != "-").then_some(identity.input_len);
+    let mut input = args.source.open()?;
+    let total_bytes = (!args.source.is_stdin()).then_some(identity.input_len);
     let skip = resume.as_ref().map_or(0, |cp| cp.lines);
     let bytes_read = Arc::new(AtomicU64::new(0));
     let skipped = Arc::new(AtomicU64::new(0));
@@ -200,7 +187,7 @@ pub async fn run(
         let (bytes_read, skipped, strict, size) = (
             Arc::clone(&bytes_read),
             Arc::clone(&skipped),
-            args.strict,
+            args.source.strict,
             args.batch_size,
         );
         std::thread::Builder::new()
@@ -358,7 +345,7 @@ fn open_output(
 /// input had no texts.
 fn finish_without_rows(args: &EmbedArgs, resume: Option<Checkpoint>) -> anyhow::Result<()> {
     let Some(cp) = resume else {
-        bail!("{}: no texts to embed", args.input.display());
+        bail!("{}: no texts to embed", args.source.input.display());
     };
     let prev = cp.recover(&args.output)?;
     let meta = FileMeta::read(&prev)?;

@@ -21,7 +21,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use serde_json::json;
 
-use crate::embed::input::{Format, Input, Item, Row};
+use crate::embed::input::{InputArgs, Item, Row};
 
 /// Requests in flight at once: enough to keep the embedder's batches full.
 const IN_FLIGHT: usize = 4;
@@ -37,9 +37,8 @@ pub struct RerankArgs {
     /// The query every document is scored against.
     #[arg(long)]
     query: String,
-    /// Documents: a .txt file (one per line), a .jsonl file, or `-` for stdin.
-    #[arg(long)]
-    input: PathBuf,
+    #[command(flatten)]
+    source: InputArgs,
     /// Keep the best K.
     #[arg(long)]
     top_n: Option<usize>,
@@ -61,18 +60,6 @@ pub struct RerankArgs {
     /// Documents per request.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// JSON field holding the document (.jsonl).
-    #[arg(long, default_value = "text")]
-    text_field: String,
-    /// JSON field holding the id (.jsonl; the line number when absent).
-    #[arg(long, default_value = "id")]
-    id_field: String,
-    /// Input format when the extension does not tell (stdin is txt unless told).
-    #[arg(long, value_enum)]
-    format: Option<Format>,
-    /// Stop at the first bad line instead of reporting and skipping it.
-    #[arg(long)]
-    strict: bool,
     /// Embedder service (`host:port`). Without it the embedder runs inside this process.
     #[arg(long, env = "LLAMA_EMBEDDER_ENDPOINT")]
     embedder_endpoint: Option<String>,
@@ -102,7 +89,7 @@ pub async fn run(
     }
     let rows = read_documents(&args)?;
     if rows.is_empty() {
-        bail!("{}: no documents to rerank", args.input.display());
+        bail!("{}: no documents to rerank", args.source.input.display());
     }
     let client = match &args.embedder_endpoint {
         Some(ep) => EmbedderClient::connect(ep)?,
@@ -152,12 +139,12 @@ pub async fn run(
 }
 
 fn read_documents(args: &RerankArgs) -> anyhow::Result<Vec<Row>> {
-    let mut input = Input::open(&args.input, args.format, &args.text_field, &args.id_field)?;
+    let mut input = args.source.open()?;
     let mut rows = Vec::new();
     while let Some(item) = input.next_item().context("reading the input")? {
         match item {
             Item::Row(r) => rows.push(r),
-            Item::Bad { line, reason } if args.strict => {
+            Item::Bad { line, reason } if args.source.strict => {
                 bail!("line {line}: {reason} (--strict)")
             }
             Item::Bad { line, reason } => {

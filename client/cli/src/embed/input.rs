@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -12,6 +12,36 @@ use serde_json::Value;
 pub enum Format {
     Txt,
     Jsonl,
+}
+
+/// Where the texts come from: the options `llama-cli embed` and `llama-cli rerank` share.
+#[derive(clap::Args, Debug)]
+pub struct InputArgs {
+    /// Texts (documents for rerank): a .txt file (one per line), a .jsonl file, or `-` for stdin.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// JSON field holding the text (.jsonl).
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// JSON field holding the id (.jsonl; the line number when absent).
+    #[arg(long, default_value = "id")]
+    pub id_field: String,
+    /// Input format when the extension does not tell (stdin is txt unless told).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Stop at the first bad line instead of reporting and skipping it.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl InputArgs {
+    pub fn is_stdin(&self) -> bool {
+        self.input.as_os_str() == "-"
+    }
+
+    pub fn open(&self) -> anyhow::Result<Input> {
+        Input::open(&self.input, self.format, &self.text_field, &self.id_field)
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -365,26 +365,29 @@ impl<'m> Batcher<'m> {
             })
             .collect();
         self.batch.clear();
-        let mut index = 0;
-        for (i, s) in seqs.iter().enumerate() {
-            for (pos, tok) in self.active[s.job].tokens[s.row].iter().enumerate() {
-                let output = flag(index, layout.is_output(&parts, i, pos));
-                // Room was checked above; llama.cpp's batch holds max_batch_tokens.
-                if let Err(e) = self.batch.add(*tok, pos as i32, &[i as i32], output) {
-                    tracing::error!(error = %e, "batch add failed");
-                    return self.fail_batch(&seqs, "the batch could not be built");
-                }
-                index += 1;
+        // The real sequences, then the padding sequence (ids 0.., then parts.len()).
+        let real = seqs.iter().enumerate().flat_map(|(i, s)| {
+            let (parts, layout) = (&parts, &layout);
+            self.active[s.job].tokens[s.row]
+                .iter()
+                .enumerate()
+                .map(move |(pos, &tok)| (tok, pos, i, layout.is_output(parts, i, pos)))
+        });
+        let pad =
+            (0..layout.pad_len).map(|pos| (PAD_TOKEN, pos, parts.len(), pos < layout.pad_outputs));
+        let mut added = Ok(());
+        for (index, (tok, pos, seq, output)) in real.chain(pad).enumerate() {
+            // Room was checked above; llama.cpp's batch holds max_batch_tokens.
+            added = self
+                .batch
+                .add(tok, pos as i32, &[seq as i32], flag(index, output));
+            if added.is_err() {
+                break;
             }
         }
-        let pad_seq = [parts.len() as i32];
-        for pos in 0..layout.pad_len {
-            let output = flag(index, pos < layout.pad_outputs);
-            if let Err(e) = self.batch.add(PAD_TOKEN, pos as i32, &pad_seq, output) {
-                tracing::error!(error = %e, "batch add failed");
-                return self.fail_batch(&seqs, "the batch could not be built");
-            }
-            index += 1;
+        if let Err(e) = added {
+            tracing::error!(error = %e, "batch add failed");
+            return self.fail_batch(&seqs, "the batch could not be built");
         }
         let outputs = (first_out.unwrap_or(0), last_out, layout.n_outputs);
         let started = Instant::now();
@@ -433,9 +436,7 @@ impl<'m> Batcher<'m> {
                 if scores.len() < dim {
                     return Err(format!("the model gave {} scores, not {dim}", scores.len()));
                 }
-                let a = &mut self.active[s.job];
-                a.out.vectors[s.row * dim..(s.row + 1) * dim].copy_from_slice(&scores[..dim]);
-                a.done += 1;
+                store(&mut self.active[s.job], s.row, &scores[..dim]);
             }
             return Ok(());
         }
@@ -480,11 +481,16 @@ impl<'m> Batcher<'m> {
 /// Pools one sequence's token vectors into row `row` of its request.
 fn collect(a: &mut Active, row: usize, tokens: &[&[f32]], scratch: &mut [f32]) {
     pool(a.out.pooling, tokens, scratch);
+    store(a, row, scratch);
+}
+
+/// Writes one finished row (a pooled vector, or a reranker's scores) into its request.
+fn store(a: &mut Active, row: usize, v: &[f32]) {
     let dim = a.out.dim;
-    let v = &mut a.out.vectors[row * dim..(row + 1) * dim];
-    v.copy_from_slice(&scratch[..dim]);
+    let dst = &mut a.out.vectors[row * dim..(row + 1) * dim];
+    dst.copy_from_slice(&v[..dim]);
     if a.out.normalized {
-        l2_normalize(v);
+        l2_normalize(dst);
     }
     a.done += 1;
 }
