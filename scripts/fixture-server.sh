@@ -1,6 +1,7 @@
 # Sourced by the make-*-fixture.sh scripts, which run llama.cpp's llama-server as the peer: a
-# free port for it, and stopping it (SERVER_PID) and removing the scratch folder ($WORK) however
-# the script ends. Needs PY (a Python interpreter).
+# free port for it, starting it and waiting until it is healthy, the command line recorded in a
+# fixture, and stopping it (SERVER_PID) and removing the scratch folder ($WORK) however the
+# script ends. Needs PY (a Python interpreter), BIN (llama.cpp's tools) and a `log` function.
 # shellcheck shell=bash
 
 free_port() {
@@ -18,6 +19,31 @@ stop_server() {
   fi
   SERVER_PID=""
 }
+# launch_server LOGFILE: starts "$BIN/llama-server" "${SERVER_ARGS[@]}" (listening on $PORT),
+# sets SERVER_PID, and returns once /health says ok; the script exits with the log's tail if
+# the server dies or is not healthy in ~120 s (2 busy cores). Environment given before the
+# call (TZ=UTC launch_server ...) reaches the server.
+launch_server() {
+  local logfile="$1"
+  "$BIN/llama-server" "${SERVER_ARGS[@]}" > "$logfile" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 600); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      log "llama-server exited early:"; tail -30 "$logfile" >&2; exit 1
+    fi
+    if curl -fsS -m 2 "http://127.0.0.1:$PORT/health" 2>/dev/null | grep -q '"ok"'; then return 0; fi
+    sleep 0.2
+  done
+  log "llama-server not healthy after 120s"; tail -30 "$logfile" >&2; exit 1
+}
+
+# server_cmd [PREFIX]: the command as recorded in a fixture, from the repo root; the port (the
+# last argument) is a placeholder.
+server_cmd() {
+  local n=$(( ${#SERVER_ARGS[@]} - 1 ))
+  printf '%s.bench/llama.cpp/build/bin/llama-server %s PORT' "${1:+$1 }" "${SERVER_ARGS[*]:0:$n}"
+}
+
 cleanup() { stop_server; rm -rf "$WORK"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

