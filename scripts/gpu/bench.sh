@@ -18,6 +18,9 @@
 #   scripts/gpu/bench.sh embed-sweep  ours only, 100k texts, per SWEEP="model:flags;..." setting
 #   scripts/gpu/bench.sh embed-profile  where an embedding run's time goes (PROFILE="model:flags;...")
 #   scripts/gpu/bench.sh embed-nsys  the busiest GPU kernels of one embedding run (NSYS="model:flags")
+#   scripts/gpu/bench.sh embed-kprof  the same from a CUPTI injection library, where nsys is missing
+#   scripts/gpu/bench.sh module default|cublas  which CUDA module our binaries load (cublas:
+#                                 GGML_CUDA_FORCE_CUBLAS, built on first use)
 #   scripts/gpu/bench.sh all      every phase in order
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -53,6 +56,31 @@ build() {
     ls -la "$BIN" | grep -E 'cuda|cpu-' | awk '{print $5, $9}'
 }
 
+# The CUDA module with GGML_CUDA_FORCE_CUBLAS: quantized weights are dequantized to F16 and
+# multiplied by cuBLAS (Hopper's wgmma kernels) instead of llama.cpp's int8 MMQ kernels.
+build_cublas() {
+    local bc="$W/bc-cublas"
+    if [[ ! -f "$bc/bin/libggml-cuda.so" ]]; then
+        say "building libggml-cuda.so with GGML_CUDA_FORCE_CUBLAS=ON"
+        cmake -S "$W/llama.cpp" -B "$bc" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+            -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF -DGGML_CPU_ALL_VARIANTS=ON -DGGML_CUDA_FORCE_CUBLAS=ON \
+            -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+            -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >/dev/null
+        cmake --build "$bc" -j "$JOBS" --target ggml-cuda
+    fi
+}
+
+# Which CUDA module sits beside our binaries: default (MMQ) or cublas.
+module() {
+    case "${1:?default|cublas}" in
+        default) cp "$PEERS/libggml-cuda.so" "$BIN/" ;;
+        cublas) build_cublas; cp "$W/bc-cublas/bin/libggml-cuda.so" "$BIN/" ;;
+        *) echo "module: default or cublas" >&2; return 2 ;;
+    esac
+    echo "CUDA module: $1"
+}
+
 models() {  # [NAME...]: gemma3-1b gemma3-4b qwen3-emb (default: all); MiniLM always
     local want=" ${*:-gemma3-1b gemma3-4b qwen3-emb} "
     local tmpl="$W/gemma3-vocab.gguf"
@@ -64,7 +92,8 @@ models() {  # [NAME...]: gemma3-1b gemma3-4b qwen3-emb (default: all); MiniLM al
         [[ -f "$M/$name-$quant.gguf" ]] && return
         python3 "$PACK/$script" "$tmpl" "$M/$name-f16.gguf" "$@" >/dev/null
         "$PEERS/llama-quantize" "$M/$name-f16.gguf" "$M/$name-$quant.gguf" "$quant" "$JOBS" >/dev/null 2>&1
-        rm -f "$M/$name-f16.gguf"
+        # The embedding model's F16 file stays: cuBLAS against MMQ on the same shape.
+        [[ $name == qwen3-emb* ]] || rm -f "$M/$name-f16.gguf"
     }
     synth gemma3-1b Q4_K_M synth_gemma3.py --embd 1152 --layers 26 --ff 6912 --heads 4 --kv 1 --head-dim 256
     synth gemma3-4b Q4_K_M synth_gemma3.py --embd 2560 --layers 34 --ff 10240 --heads 8 --kv 4 --head-dim 256
@@ -245,8 +274,36 @@ for r in rows[:14]:
 "
 }
 
+# The busiest kernels of one run per PROFILE="model:flags;..." item, from a CUPTI injection
+# library (scripts/gpu/kernel_profile.c): what the GPU's time goes to, where nsys is missing.
+embed_kprof() {
+    [[ -f "$W/t100k.txt" ]] || texts 100000 "$W/t100k.txt"
+    local cuda inc lib krec
+    cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    inc=$(dirname "$(find "$cuda" /usr/include -name cupti.h 2>/dev/null | head -n 1)")
+    lib=$(dirname "$(find "$cuda" /usr/lib -name 'libcupti.so*' 2>/dev/null | head -n 1)")
+    krec=$(grep -oE 'CUpti_ActivityKernel[0-9]+' "$inc/cupti_activity.h" | sort -u -V | tail -n 1)
+    gcc -O2 -shared -fPIC -DKREC="$krec" -I "$inc" "$ROOT/scripts/gpu/kernel_profile.c" \
+        -L "$lib" -Wl,-rpath,"$lib" -lcupti -o "$W/kprof.so"
+    local item model flags n="${KPROF_N:-100000}"
+    head -n "$n" "$W/t100k.txt" > "$W/tk.txt"
+    IFS=';' read -ra items <<< "${PROFILE:-qwen3-emb-0.6b-Q8_0:}"
+    for item in "${items[@]}"; do
+        model=${item%%:*} flags=${item#*:}
+        say "kernels: $model [$flags], $n texts"
+        rm -f "$W/out.parquet" "$W/kprof.txt"
+        # shellcheck disable=SC2086
+        CUDA_INJECTION64_PATH="$W/kprof.so" KPROF_OUT="$W/kprof.txt" "$BIN/llama-cli" embed \
+            --model "$M/$model.gguf" --input "$W/tk.txt" --output "$W/out.parquet" \
+            --batch-size 256 $flags >/dev/null 2>"$W/kprof.err" || tail -n 3 "$W/kprof.err"
+        cat "$W/kprof.txt" 2>/dev/null || echo "no profile written"
+    done
+}
+
 case "${1:-all}" in
     build) build ;;
+    module) shift; module "$@" ;;
+    embed-kprof) embed_kprof ;;
     models) shift; models "$@" ;;
     smoke) smoke ;;
     generate) generate ;;
@@ -257,5 +314,5 @@ case "${1:-all}" in
     embed-profile) embed_profile ;;
     embed-nsys) embed_nsys ;;
     all) build; models; smoke; generate; prompt_cache; cpu; embed ;;
-    *) echo "usage: $0 build|models [NAME...]|smoke|generate|prompt-cache|cpu|embed|embed-sweep|embed-profile|embed-nsys|all" >&2; exit 2 ;;
+    *) echo "usage: $0 build|module default|cublas|models [NAME...]|smoke|generate|prompt-cache|cpu|embed|embed-sweep|embed-profile|embed-nsys|embed-kprof|all" >&2; exit 2 ;;
 esac
