@@ -14,7 +14,9 @@
 # llama.cpp's shared libraries and one CPU module per x86 generation (x64 ... zen4,
 # sapphirerapids); the best one this machine can run is loaded at start, so one image runs on
 # every x86-64 server. The CUDA image adds libggml-cuda.so, built with nvcc from the same
-# llama.cpp source, beside them (CUDA_ARCHITECTURES picks the GPU generations).
+# llama.cpp source, beside them (CUDA_ARCHITECTURES picks the GPU generations). Embedder images
+# for Hopper GPUs: --build-arg CUDA_FORCE_CUBLAS=1 (cuBLAS instead of llama.cpp's int8 kernels
+# for quantized weights; 1.2x on an H200, BENCHMARKS.md); docker-compose.cuda.yml sets it.
 #
 # Runtime images run as uid/gid 10001, carry the service binary and `llama-health` (gRPC
 # health probe, used by HEALTHCHECK), and take every setting from the environment (README,
@@ -26,6 +28,7 @@ ARG RUST_VERSION=1.95
 ARG CUDA_VERSION=12.6.3
 ARG CUDA_UBUNTU=ubuntu22.04
 ARG CUDA_ARCHITECTURES="80;86;89;90"
+ARG CUDA_FORCE_CUBLAS=0
 
 # ---------------------------------------------------------------------------------------------
 # Toolchains: builder-0 (CPU) and builder-1 (CUDA: nvcc from NVIDIA's devel image, Rust by rustup).
@@ -82,6 +85,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM builder-${CUDA} AS build-inference
 ARG CUDA
 ARG CUDA_ARCHITECTURES
+ARG CUDA_FORCE_CUBLAS
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
@@ -99,6 +103,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
         src="$(echo /usr/local/cargo/registry/src/*/llama-cpp-sys-2-0.1.161/llama.cpp)" \
      && cmake -S "$src" -B /tmp/cuda -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
             -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF -DGGML_CUDA=ON \
+            -DGGML_CUDA_FORCE_CUBLAS="$([ "${CUDA_FORCE_CUBLAS}" = 1 ] && echo ON || echo OFF)" \
             -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES}" -DLLAMA_BUILD_TESTS=OFF \
             -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF \
      && cmake --build /tmp/cuda -j "$(nproc)" --target ggml-cuda \
