@@ -194,7 +194,7 @@ impl LoaderProcess {
             .spawn()
             .context("spawning llama-loader")?;
         let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let (addr, _) = read_addrs(lines, &mut child, "llama-loader")?;
+        let addr = read_addrs(lines, &mut child, "llama-loader")?.grpc;
         Ok(Self { child, addr })
     }
 
@@ -219,13 +219,21 @@ impl Drop for LoaderProcess {
 /// Reads a service's JSON log until its `serving` line (noting the `metrics listening` line
 /// before it), then keeps draining (echoed to our stderr with LLAMA_TEST_ECHO_LOGS set) so the
 /// child never blocks on a full pipe.
+/// The addresses a service logs before it serves: gRPC, then `/metrics` and the OpenAI HTTP
+/// API when it listens on them.
+struct Addrs {
+    grpc: SocketAddr,
+    metrics: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+}
+
 fn read_addrs(
     mut lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
     child: &mut Child,
     name: &str,
-) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
-    let mut metrics = None;
-    let addr = loop {
+) -> anyhow::Result<Addrs> {
+    let (mut metrics, mut http) = (None, None);
+    let grpc = loop {
         let Some(line) = lines.next() else {
             let status = child.wait()?;
             bail!("{name} exited ({status}) before serving");
@@ -237,6 +245,9 @@ fn read_addrs(
         if let Some(addr) = logged_addr(&line, "metrics listening") {
             metrics = Some(addr);
         }
+        if let Some(addr) = logged_addr(&line, "http listening") {
+            http = Some(addr);
+        }
     };
     let echo = std::env::var_os("LLAMA_TEST_ECHO_LOGS").is_some();
     let name = name.to_string();
@@ -247,7 +258,11 @@ fn read_addrs(
             }
         }
     });
-    Ok((addr, metrics))
+    Ok(Addrs {
+        grpc,
+        metrics,
+        http,
+    })
 }
 
 /// The address in a service's JSON log line whose message ends with `suffix`.
@@ -342,7 +357,14 @@ impl EmbedderStack {
         let (mirror, cache, loader) = mirrored_loader(repo, file).await?;
         let loader_client = loader.client.clone();
         let server = InProcessServer::start("embedder", |listener, shutdown| {
-            llama_embedder::run(config, Plumbing::plain(), loader_client, listener, shutdown)
+            llama_embedder::run(
+                config,
+                Plumbing::plain(),
+                loader_client,
+                listener,
+                None,
+                shutdown,
+            )
         })
         .await?;
         let addr = server.addr;
@@ -365,6 +387,8 @@ pub struct ServiceProcess {
     pub addr: SocketAddr,
     /// Where `/metrics` listens, when `--metrics-listen` was given.
     pub metrics: Option<SocketAddr>,
+    /// Where the OpenAI-compatible HTTP API listens, when `--http-listen` was given.
+    pub http: Option<SocketAddr>,
 }
 
 impl ServiceProcess {
@@ -388,11 +412,12 @@ impl ServiceProcess {
             .spawn()
             .with_context(|| format!("spawning {bin}"))?;
         let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let (addr, metrics) = read_addrs(lines, &mut child, bin)?;
+        let addrs = read_addrs(lines, &mut child, bin)?;
         Ok(Self {
             child,
-            addr,
-            metrics,
+            addr: addrs.grpc,
+            metrics: addrs.metrics,
+            http: addrs.http,
         })
     }
 

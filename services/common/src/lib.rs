@@ -4,6 +4,7 @@ pub mod gate;
 pub mod grpc;
 pub mod linger;
 pub mod metrics;
+pub mod openai;
 pub mod options;
 pub mod signal;
 pub mod telemetry;

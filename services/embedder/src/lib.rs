@@ -5,6 +5,7 @@
 pub mod config;
 mod convert;
 mod error;
+mod openai;
 mod rerank;
 pub mod service;
 mod stream;
@@ -46,35 +47,69 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
     )
 }
 
-/// The router (health, reflection, EmbedderService) and its warm-up (preloads).
+/// The router (health, reflection, EmbedderService), its warm-up (preloads), and the pool
+/// both fronts share.
 async fn build(
     config: &EmbedderConfig,
     loader: LoaderClient,
     plumbing: &Plumbing,
-) -> Result<Ready, ServeError> {
+) -> Result<(Ready, Arc<ModelPool<EmbeddingEngine>>), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let pool = pool(config, loader);
     let svc = EmbedderServiceServer::new(service::EmbedderGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);
     let warmup = pool.warmup(config.preload.clone());
-    Ok(llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?)
+    let ready = llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?;
+    Ok((ready, pool))
 }
 
-/// Serves the embedder on `listener` until `shutdown` resolves (then drains). `main` and the
-/// tests call this.
+/// Serves the embedder on `listener` (gRPC) and, when given, the OpenAI-compatible HTTP API
+/// on `http`, until `shutdown` resolves (then both drain). `main` and the tests call this.
 pub async fn run(
     config: EmbedderConfig,
     plumbing: Plumbing,
     loader: LoaderClient,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let ready = build(&config, loader, &plumbing).await?;
-    Ok(
-        llama_agent_common::grpc::serve_tcp("embedder", ready, plumbing, listener, shutdown)
-            .await?,
-    )
+    let (ready, pool) = build(&config, loader, &plumbing).await?;
+    // The HTTP front stops taking requests when the gRPC side starts draining.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    let grace = plumbing.grace_period;
+    let http = http.map(|listener| {
+        let app = llama_agent_common::openai::wrap(
+            openai::router(pool),
+            plumbing.token.clone(),
+            plumbing.max_message_size,
+        );
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "openai http listening");
+        }
+        let mut stopped = stopped.clone();
+        tokio::spawn(llama_agent_common::openai::serve(
+            listener,
+            app,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ))
+    });
+    let served =
+        llama_agent_common::grpc::serve_tcp("embedder", ready, plumbing, listener, shutdown).await;
+    if let Some(task) = http {
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "openai http server failed"),
+            Err(_) => tracing::warn!("openai http requests still running after the grace period"),
+            _ => {}
+        }
+    }
+    Ok(served?)
 }
 
 /// The embedder inside this process, reached through a channel that speaks the same gRPC.
@@ -82,6 +117,6 @@ pub async fn in_process(
     config: &EmbedderConfig,
     loader: LoaderClient,
 ) -> Result<tonic::transport::Channel, ServeError> {
-    let ready = build(config, loader, &Plumbing::plain()).await?;
+    let (ready, _) = build(config, loader, &Plumbing::plain()).await?;
     Ok(llama_agent_common::grpc::in_process_ready(ready).await?)
 }
