@@ -312,7 +312,14 @@ impl GeneratorStack {
         let (mirror, cache, loader) = mirrored_loader(GEMMA_REPO, GEMMA_FILE).await?;
         let loader_client = loader.client.clone();
         let server = InProcessServer::start("generator", |listener, shutdown| {
-            llama_generator::run(config, Plumbing::plain(), loader_client, listener, shutdown)
+            llama_generator::run(
+                config,
+                Plumbing::plain(),
+                loader_client,
+                listener,
+                None,
+                shutdown,
+            )
         })
         .await?;
         let generator_addr = server.addr;

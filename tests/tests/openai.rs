@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 use llama_agent_client::proto::embedder::v1 as pb;
 use llama_agent_client::{ConnectOptions, EmbedderClient};
+use llama_agent_tests::http::{assert_error, curl};
 use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{model, repo_root, ServiceProcess, MINILM_FILE};
 use serde_json::{json, Value};
@@ -82,37 +83,6 @@ async fn start() -> Services {
         http,
         grpc,
     }
-}
-
-/// curl: the HTTP status and the parsed body.
-fn curl(method: &str, url: &str, auth: Option<&str>, body: Option<&str>) -> (u16, Value) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", url]);
-    if let Some(token) = auth {
-        cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
-    }
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
-    }
-    let out = cmd.output().expect("curl");
-    assert!(out.status.success(), "curl: {out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    let value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    (code.parse().unwrap(), value)
-}
-
-/// An error body in OpenAI's shape, with the status and type expected.
-fn assert_error(got: &(u16, Value), status: u16, kind: &str, what: &str) {
-    let (code, body) = got;
-    assert_eq!(*code, status, "{what}: {body}");
-    let e = &body["error"];
-    assert_eq!(e["type"], kind, "{what}: {body}");
-    let message = e["message"].as_str().unwrap_or_default();
-    assert!(
-        !message.is_empty() && message.len() < 400,
-        "{what}: {message}"
-    );
 }
 
 fn rows(r: &pb::EmbedResponse) -> Vec<Vec<f32>> {

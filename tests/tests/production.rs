@@ -17,6 +17,7 @@ use llama_agent_client::proto::generator::v1 as gpb;
 use llama_agent_client::{
     ClientError, ConnectOptions, EmbedderClient, GeneratorClient, LoaderClient, RetryPolicy,
 };
+use llama_agent_tests::http::{sample, scrape};
 use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
     grpcurl, model, repo_root, run_ok, workspace_command, ServiceProcess, GEMMA_FILE, GEMMA_REPO,
@@ -231,30 +232,6 @@ async fn token_guards_every_rpc_but_health_and_grpcurl_calls_each_service() {
     assert_eq!(right.cache_status().await.unwrap().entries, 2);
 }
 
-fn scrape(p: &ServiceProcess) -> String {
-    let addr = p.metrics.expect("started with --metrics-listen");
-    let out = Command::new("curl")
-        .args(["-sf", &format!("http://{addr}/metrics")])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scraping {addr}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The value of the sample whose name and labels start with `prefix` (0 when absent).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// promtool as scripts/deploy-tools.sh provides it (the venv), or from PATH.
 fn promtool() -> PathBuf {
     let p = repo_root().join(".venv/bin/promtool");
@@ -346,6 +323,8 @@ async fn metrics_pass_promtool_and_move_with_traffic() {
         7.0
     );
 
+    serving_gauges_follow_a_stream(&d, &generator).await;
+
     let loader = scrape(&d.loader);
     assert_eq!(
         sample(
@@ -370,6 +349,56 @@ async fn metrics_pass_promtool_and_move_with_traffic() {
     ] {
         promtool_check(&scrape(p), what);
     }
+}
+
+/// The gauges Kubernetes' inference gateway and an autoscaler read: a stream holds one
+/// sequence and its KV cells while it runs; once it is dropped nothing is running or waiting
+/// and the cells its prompt left behind count as free (prompt cache, not load).
+async fn serving_gauges_follow_a_stream(d: &Deployment, generator: &GeneratorClient) {
+    let running = |t: &str| sample(t, "llama_agent_generator_requests_running", &[]);
+    let waiting = |t: &str| {
+        sample(
+            t,
+            "llama_agent_engine_queue_depth",
+            &[("engine", "generate")],
+        )
+    };
+    let usage = |t: &str| sample(t, "llama_agent_generator_kv_cache_usage_ratio", &[]);
+    let total = |t: &str| {
+        sample(
+            t,
+            "llama_agent_generator_kv_cache_cells",
+            &[("state", "total")],
+        )
+    };
+    // The grammar cannot end for hundreds of tokens: the stream still runs when it is read.
+    let mut req = generate_request(0);
+    req.constraint = Some(gpb::generate_request::Constraint::Grammar(
+        "root ::= [a-z] root".into(),
+    ));
+    let mut stream = Box::pin(generator.generate_stream(req, None).await.unwrap());
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap().event,
+        Some(gpb::generate_response::Event::Chunk(_))
+    ));
+    let busy = scrape(&d.generator);
+    assert_eq!(running(&busy), 1.0, "{busy}");
+    assert_eq!(waiting(&busy), 0.0);
+    assert!(total(&busy) > 0.0);
+    assert!(usage(&busy) > 0.0 && usage(&busy) < 1.0, "{busy}");
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let idle = loop {
+        let t = scrape(&d.generator);
+        if running(&t) == 0.0 || Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(running(&idle), 0.0, "the dropped stream still runs: {idle}");
+    assert_eq!(usage(&idle), 0.0);
+    assert_eq!(total(&idle), total(&busy));
 }
 
 /// `tests/otlp_receiver.py`: a real OTLP/gRPC trace receiver writing one JSON line per span.

@@ -3,6 +3,7 @@
 //! the bearer token of the gRPC side; and serving until the service drains.
 
 use std::future::Future;
+use std::net::SocketAddr;
 
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
@@ -10,6 +11,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::ListenerExt;
 use axum::Json;
+use tokio::net::TcpListener;
+
+use crate::grpc::{self, Ready, ServeFailure};
+use crate::options::Plumbing;
 
 /// Longest error message sent back: serde's messages can quote the body.
 const MAX_MESSAGE: usize = 300;
@@ -76,15 +81,21 @@ fn bounded(mut s: String) -> String {
     s
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {
-            "message": bounded(self.message),
+impl ApiError {
+    /// `{"error": {...}}`: the response body, and a failed stream's last event.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {
+            "message": bounded(self.message.clone()),
             "type": self.kind,
             "param": null,
             "code": self.status.as_u16(),
-        }});
-        (self.status, Json(body)).into_response()
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
     }
 }
 
@@ -159,9 +170,90 @@ pub fn wrap(router: axum::Router, token: Option<String>, max_body: usize) -> axu
     }
 }
 
+/// `/v1/models`: the models loaded now (a model the loader can fetch is served on first use
+/// too).
+pub fn model_list(references: impl IntoIterator<Item = String>) -> Json<serde_json::Value> {
+    let data: Vec<serde_json::Value> = references
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-agent"}))
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+/// The address of an HTTP front, bound before anything is served (None: no front).
+pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("binding the HTTP address {addr}: {e}")))
+}
+
+/// Serves a service's gRPC side as [`grpc::serve_tcp`] does and, when given, its OpenAI
+/// front (`router` on its own listener, with the service's token and body limit) beside
+/// it. The front stops taking requests when the gRPC side starts draining, and gets the
+/// same grace period to finish.
+pub async fn serve_with_grpc(
+    name: &str,
+    ready: Ready,
+    plumbing: Plumbing,
+    listener: TcpListener,
+    http: Option<(TcpListener, axum::Router)>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeFailure> {
+    let grace = plumbing.grace_period;
+    let front = http.map(|(listener, router)| {
+        let app = wrap(router, plumbing.token.clone(), plumbing.max_message_size);
+        Front::spawn(listener, app)
+    });
+    let shutdown = async {
+        shutdown.await;
+        if let Some(f) = &front {
+            f.stop();
+        }
+    };
+    let served = grpc::serve_tcp(name, ready, plumbing, listener, shutdown).await;
+    if let Some(f) = front {
+        f.finish(grace).await;
+    }
+    served
+}
+
+struct Front {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Front {
+    fn spawn(listener: TcpListener, app: axum::Router) -> Self {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "openai http listening");
+        }
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(serve(listener, app, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        Self { stop, task }
+    }
+
+    /// No new requests; those in flight go on.
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    async fn finish(self, grace: std::time::Duration) {
+        self.stop();
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "openai http server failed"),
+            Err(_) => tracing::warn!("openai http requests still running after the grace period"),
+            _ => {}
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+async fn serve(
+    listener: TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

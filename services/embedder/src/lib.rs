@@ -75,41 +75,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (ready, pool) = build(&config, loader, &plumbing).await?;
-    // The HTTP front stops taking requests when the gRPC side starts draining.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    };
-    let grace = plumbing.grace_period;
-    let http = http.map(|listener| {
-        let app = llama_agent_common::openai::wrap(
-            openai::router(pool),
-            plumbing.token.clone(),
-            plumbing.max_message_size,
-        );
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "openai http listening");
-        }
-        let mut stopped = stopped.clone();
-        tokio::spawn(llama_agent_common::openai::serve(
-            listener,
-            app,
-            async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            },
-        ))
-    });
-    let served =
-        llama_agent_common::grpc::serve_tcp("embedder", ready, plumbing, listener, shutdown).await;
-    if let Some(task) = http {
-        match tokio::time::timeout(grace, task).await {
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "openai http server failed"),
-            Err(_) => tracing::warn!("openai http requests still running after the grace period"),
-            _ => {}
-        }
-    }
-    Ok(served?)
+    let http = http.map(|listener| (listener, openai::router(pool)));
+    Ok(llama_agent_common::openai::serve_with_grpc(
+        "embedder", ready, plumbing, listener, http, shutdown,
+    )
+    .await?)
 }
 
 /// The embedder inside this process, reached through a channel that speaks the same gRPC.

@@ -50,14 +50,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let plumbing = args.server.resolve().await?;
     let loader = LoaderClient::connect(&args.loader_endpoint)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let http = match args.http_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("binding the HTTP address {addr}: {e}"))?,
-        ),
-        None => None,
-    };
+    let http = llama_agent_common::openai::bind(args.http_listen).await?;
     llama_embedder::run(
         args.embedder,
         plumbing,

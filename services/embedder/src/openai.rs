@@ -163,13 +163,6 @@ async fn rerank(
     })))
 }
 
-/// The models loaded now (a model the loader can fetch is served on first use too).
 async fn models(State(h): State<Http>) -> Json<Value> {
-    let data: Vec<Value> = h
-        .pool
-        .loaded()
-        .into_iter()
-        .map(|m| json!({"id": m.reference, "object": "model", "created": 0, "owned_by": "llama-agent"}))
-        .collect();
-    Json(json!({"object": "list", "data": data}))
+    llama_agent_common::openai::model_list(h.pool.loaded().into_iter().map(|m| m.reference))
 }

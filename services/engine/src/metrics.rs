@@ -3,8 +3,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, register_histogram, register_int_counter, register_int_gauge_vec,
-    Histogram, IntCounter, IntGaugeVec,
+    exponential_buckets, register_gauge, register_histogram, register_int_counter,
+    register_int_gauge, register_int_gauge_vec, Gauge, Histogram, IntCounter, IntGauge,
+    IntGaugeVec,
 };
 
 fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
@@ -111,6 +112,36 @@ pub static CPU_VARIANT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "llama_agent_cpu_variant_info",
         "The llama.cpp CPU module in use (1, by variant).",
         &["variant"]
+    )
+    .expect("metric registers once")
+});
+
+/// Sequences holding a generation request (prompt, generating, or its events draining), over
+/// every loaded model: the "running requests" gauge of the Inference Gateway's endpoint picker.
+pub static GEN_RUNNING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "llama_agent_generator_requests_running",
+        "Generation requests holding a sequence now, over all loaded models."
+    )
+    .expect("metric registers once")
+});
+
+/// KV cells of running requests, and the cells all loaded models' contexts have.
+pub static GEN_KV_CELLS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llama_agent_generator_kv_cache_cells",
+        "KV cache cells over all loaded models: held by running requests (used) and in all (total).",
+        &["state"]
+    )
+    .expect("metric registers once")
+});
+
+/// `used / total` of [`GEN_KV_CELLS`]: the endpoint picker's KV-cache utilization (0 to 1).
+/// Cells kept only for the prompt cache are not counted: the next request may take them.
+pub static GEN_KV_USAGE: LazyLock<Gauge> = LazyLock::new(|| {
+    register_gauge!(
+        "llama_agent_generator_kv_cache_usage_ratio",
+        "Fraction of KV cache cells held by running requests, over all loaded models (0 to 1)."
     )
     .expect("metric registers once")
 });

@@ -3,6 +3,7 @@
 //! decodes up to `--parallel` sequences per step.
 
 pub mod config;
+mod openai;
 pub mod service;
 mod validate;
 
@@ -44,36 +45,46 @@ fn pool(
     )
 }
 
-/// The router (health, reflection, GeneratorService) and its warm-up (preloads).
+/// The router (health, reflection, GeneratorService), its warm-up (preloads), and the pool
+/// both fronts share.
 async fn build(
     config: &GeneratorConfig,
     loader: LoaderClient,
     plumbing: &Plumbing,
-) -> Result<Ready, ServeError> {
+) -> Result<(Ready, Arc<ModelPool<GenerationEngine>>), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let chat_template = config.chat_template().map_err(ServeError::Config)?;
     let pool = pool(config, loader, chat_template);
+    llama_agent_engine::generate::register_serving_gauges();
     let svc = GeneratorServiceServer::new(service::GeneratorGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);
     let warmup = pool.warmup(config.preload.clone());
-    Ok(llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?)
+    let ready = llama_agent_common::grpc::ready(svc, SERVICES, plumbing, warmup).await?;
+    Ok((ready, pool))
 }
 
-/// Serves the generator on `listener` until `shutdown` resolves (then drains). `main` and the
-/// tests call this.
+/// Serves the generator on `listener` (gRPC) and, when given, the OpenAI-compatible HTTP API
+/// on `http`, until `shutdown` resolves (then both drain). `main` and the tests call this.
 pub async fn run(
     config: GeneratorConfig,
     plumbing: Plumbing,
     loader: LoaderClient,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let ready = build(&config, loader, &plumbing).await?;
-    Ok(
-        llama_agent_common::grpc::serve_tcp("generator", ready, plumbing, listener, shutdown)
-            .await?,
+    let (ready, pool) = build(&config, loader, &plumbing).await?;
+    let http = http.map(|listener| (listener, openai::router(pool)));
+    Ok(llama_agent_common::openai::serve_with_grpc(
+        "generator",
+        ready,
+        plumbing,
+        listener,
+        http,
+        shutdown,
     )
+    .await?)
 }
 
 /// The generator inside this process, reached through a channel that speaks the same gRPC.
@@ -81,6 +92,6 @@ pub async fn in_process(
     config: &GeneratorConfig,
     loader: LoaderClient,
 ) -> Result<tonic::transport::Channel, ServeError> {
-    let ready = build(config, loader, &Plumbing::plain()).await?;
+    let (ready, _) = build(config, loader, &Plumbing::plain()).await?;
     Ok(llama_agent_common::grpc::in_process_ready(ready).await?)
 }

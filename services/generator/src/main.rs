@@ -14,6 +14,11 @@ struct Args {
     #[arg(long, env = "LLAMA_GENERATOR_LISTEN", default_value = "0.0.0.0:50052")]
     listen: std::net::SocketAddr,
 
+    /// Also serve the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/models`) on this address (off when unset).
+    #[arg(long, env = "LLAMA_GENERATOR_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
+
     /// The loader service (`host:port`).
     #[arg(long, env = "LLAMA_LOADER_ENDPOINT", default_value = "127.0.0.1:50051")]
     loader_endpoint: String,
@@ -45,11 +50,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let plumbing = args.server.resolve().await?;
     let loader = LoaderClient::connect(&args.loader_endpoint)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let http = llama_agent_common::openai::bind(args.http_listen).await?;
     llama_generator::run(
         args.generator,
         plumbing,
         loader,
         listener,
+        http,
         llama_agent_common::signal::terminate(),
     )
     .await?;

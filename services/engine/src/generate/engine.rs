@@ -14,6 +14,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
 use super::chat::ChatRenderer;
+use super::gauges::Gauges;
 use super::prompt_cache::{Busy, Plan, PromptCache};
 use super::request::{FinishReason, GenEvent, GenRequest, Prompt};
 use super::sample::{pick_all, Picked, Picker};
@@ -196,6 +197,7 @@ fn run(
         ctx_per_seq: ctx_per_seq as usize,
         sampling_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load,
+        gauges: Gauges::new(u64::from(opts.parallel) * u64::from(ctx_per_seq)),
         cache: PromptCache::new(opts.parallel as usize, sliding_window(&model)),
         chat,
     };
@@ -249,6 +251,7 @@ struct Engine<'m> {
     /// Threads that may pick tokens at once when many sequences generate.
     sampling_threads: usize,
     load: Arc<Occupancy>,
+    gauges: Gauges,
     /// What each sequence's KV cells hold, for reuse by the next requests.
     cache: PromptCache,
     chat: ChatRenderer,
@@ -289,14 +292,22 @@ impl Engine<'_> {
         }
     }
 
-    fn publish_occupancy(&self) {
-        let slots = self.slots.iter().flatten();
+    fn publish_occupancy(&mut self) {
+        let running = self.slots.iter().flatten().count();
         self.load
             .slots_in_use
-            .store(slots.count() as u32, Ordering::Relaxed);
+            .store(running as u32, Ordering::Relaxed);
         self.load
             .kv_cells_used
             .store(self.cache.cells(), Ordering::Relaxed);
+        // Cells of idle sequences are only prompt cache, free for the next request to take.
+        let held = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| self.cache.tokens(s.seq as usize).len() as u64)
+            .sum();
+        self.gauges.publish(running, held);
     }
 
     fn admit(&mut self, job: Job) {
