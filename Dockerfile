@@ -169,7 +169,7 @@ ENV LLAMA_GENERATOR_LISTEN=0.0.0.0:50052 \
     LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
     OTEL_SERVICE_NAME=llama-generator
 USER 10001:10001
-EXPOSE 50052 9090
+EXPOSE 50052 8080 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50052"]
 ENTRYPOINT ["/opt/llama-agent/bin/llama-generator"]
@@ -185,7 +185,7 @@ ENV LLAMA_EMBEDDER_LISTEN=0.0.0.0:50053 \
     LLAMA_AGENT_METRICS_LISTEN=0.0.0.0:9090 \
     OTEL_SERVICE_NAME=llama-embedder
 USER 10001:10001
-EXPOSE 50053 9090
+EXPOSE 50053 8080 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50053"]
 ENTRYPOINT ["/opt/llama-agent/bin/llama-embedder"]

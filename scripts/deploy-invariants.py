@@ -81,6 +81,15 @@ def check_k8s(path):
         if need(svc is not None, f"k8s: no Service {name}"):
             need(any(p["port"] == port for p in svc["spec"]["ports"]), f"k8s Service {name}: no port {port}")
 
+        # The OpenAI HTTP front, where a service has one: the listen address, the container
+        # port named http and the Service's port agree (an InferencePool targets that port).
+        http = env.get(f"LLAMA_{name.upper()}_HTTP_LISTEN")
+        if http:
+            need(ports.get("http") == port_of(http), f"{where}: containerPort http != LLAMA_{name.upper()}_HTTP_LISTEN")
+            if svc is not None:
+                need(any(p["name"] == "http" and p["port"] == port_of(http) for p in svc["spec"]["ports"]),
+                     f"k8s Service {name}: no http port {port_of(http)}")
+
         # Metrics: the listen address, the container port, the scrape annotations.
         metrics = env.get("LLAMA_AGENT_METRICS_LISTEN")
         ann = spec["template"]["metadata"].get("annotations", {})

@@ -10,6 +10,7 @@
 #   deploy invariants            scripts/deploy-invariants.py (single writer, read-only mounts...)
 #   promtool check metrics       a live scrape of dist/llama-agent/bin/llama-{loader,generator,embedder}
 #                                (skipped only for a binary that is not built)
+#   deploy/k8s/examples          parse, and query only metrics the live generator exports
 #
 # Tools: scripts/deploy-tools.sh (idempotent). Env: K8S_VERSIONS (space-separated, the oldest
 # and the newest Kubernetes the manifests must validate against), START_TIMEOUT (seconds).
@@ -199,7 +200,25 @@ promtool_service() {
     [[ "$name" != loader ]] || LOADER_ADDR="$addr"
     scrape "http://127.0.0.1:$port/metrics" "$pid" "$log" || return 1
     grep -q '^# TYPE ' "$WORK/scrape" || { echo "empty scrape:"; cat "$WORK/scrape"; return 1; }
+    cp "$WORK/scrape" "$WORK/$name.metrics"
     promtool check metrics <"$WORK/scrape"
+}
+
+# The autoscaling and routing examples (deploy/k8s/examples) parse, and every llama_agent_*
+# metric they query is one a freshly started generator exports (before any model loads).
+examples_metrics() {
+    local f name missing=0
+    [[ -s "$WORK/generator.metrics" ]] || { echo "no generator scrape (see its promtool check)"; return 1; }
+    for f in deploy/k8s/examples/*.yaml; do
+        "$BIN/python" -c 'import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))' "$f" || return 1
+    done
+    for name in $(grep -ohE 'llama_agent_[a-z_]+' deploy/k8s/examples/*.yaml | sort -u); do
+        if ! grep -qE "^$name(\{| )" "$WORK/generator.metrics"; then
+            echo "$name (deploy/k8s/examples) is not in the generator's /metrics"
+            missing=1
+        fi
+    done
+    return "$missing"
 }
 
 if [[ ! -x "$DIST_BIN/llama-loader" ]]; then
@@ -216,6 +235,7 @@ else
                 promtool_service "$svc" --loader-endpoint "http://$LOADER_ADDR"
         fi
     done
+    check "deploy/k8s/examples parse and query metrics the generator exports" examples_metrics
 fi
 
 exit "$failed"
