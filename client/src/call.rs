@@ -81,17 +81,21 @@ impl ConnectOptions {
     }
 }
 
-/// The constructors every client has, built on its own `fn over(Transport) -> Self`, and
-/// `with_retry` (every client has a `retry` policy).
+/// The constructors every client has, built on its own `fn over(Arc<ReplicaSet>) -> Self`,
+/// and `with_retry` (every client has a `retry` policy).
 macro_rules! constructors {
     () => {
         /// Over any channel (an in-process one: no token, the trace context still travels).
         pub fn new(channel: tonic::transport::Channel) -> Self {
-            Self::over($crate::call::plain(channel))
+            Self::over($crate::replicas::ReplicaSet::single($crate::call::plain(
+                channel,
+            )))
         }
 
         /// To `uri` with the token and TLS settings of the environment (see
-        /// [`ConnectOptions::from_env`](crate::ConnectOptions::from_env)).
+        /// [`ConnectOptions::from_env`](crate::ConnectOptions::from_env)). `uri` names one
+        /// server, or several replicas: a comma-separated list, or a DNS name with several
+        /// addresses (see [`parse_endpoints`](crate::parse_endpoints)).
         pub fn connect(uri: &str) -> Result<Self, $crate::ClientError> {
             Self::connect_with(uri, &$crate::ConnectOptions::from_env()?)
         }
@@ -100,12 +104,20 @@ macro_rules! constructors {
             uri: &str,
             opts: &$crate::ConnectOptions,
         ) -> Result<Self, $crate::ClientError> {
-            Ok(Self::over($crate::call::connect(uri, opts)?))
+            Ok(Self::over($crate::replicas::ReplicaSet::connect(
+                uri, opts,
+            )?))
         }
 
         pub fn with_retry(mut self, retry: $crate::RetryPolicy) -> Self {
             self.retry = retry;
             self
+        }
+
+        /// How many replicas the endpoint names, once its DNS names were first looked up
+        /// (waiting a few seconds at most for that).
+        pub async fn replica_count(&self) -> usize {
+            self.replicas.count().await
         }
     };
 }
@@ -119,14 +131,49 @@ pub fn connect(uri: &str, opts: &ConnectOptions) -> Result<Transport, ClientErro
     } else {
         format!("http://{uri}")
     };
-    let mut endpoint = Endpoint::from_shared(uri.clone())
+    let endpoint = endpoint(&uri)?;
+    let tls = uri.starts_with("https://").then_some(None);
+    finish(endpoint, &uri, tls, opts)
+}
+
+/// A lazily connecting transport to `addr` (`scheme://ip:port`), one address that `name`
+/// resolved to: calls carry the name as authority and TLS checks the name's certificate.
+pub(crate) fn connect_as(
+    addr: &str,
+    name: &crate::replicas::Target,
+    opts: &ConnectOptions,
+) -> Result<Transport, ClientError> {
+    let origin: tonic::transport::Uri = name
+        .uri
+        .parse()
+        .map_err(|e| ClientError::InvalidEndpoint(format!("{}: {e}", name.uri)))?;
+    let endpoint = endpoint(addr)?.origin(origin);
+    let tls = (name.scheme == "https").then_some(Some(name.host.as_str()));
+    finish(endpoint, addr, tls, opts)
+}
+
+fn endpoint(uri: &str) -> Result<Endpoint, ClientError> {
+    Ok(Endpoint::from_shared(uri.to_string())
         .map_err(|e| ClientError::InvalidEndpoint(format!("{uri}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
-    if uri.starts_with("https://") {
-        let tls = opts.tls()?.unwrap_or_else(ClientTlsConfig::new);
+        .keep_alive_while_idle(true))
+}
+
+/// `tls`: `None` for plaintext, `Some(domain)` for TLS (checking `domain` when given, else
+/// the URI's host).
+fn finish(
+    mut endpoint: Endpoint,
+    uri: &str,
+    tls: Option<Option<&str>>,
+    opts: &ConnectOptions,
+) -> Result<Transport, ClientError> {
+    if let Some(domain) = tls {
+        let mut tls = opts.tls()?.unwrap_or_else(ClientTlsConfig::new);
+        if let Some(d) = domain {
+            tls = tls.domain_name(d.trim_start_matches('[').trim_end_matches(']'));
+        }
         endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| ClientError::InvalidEndpoint(format!("{uri}: {e}")))?;

@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::affinity::Warmth;
+use crate::balance::{watched, Replica};
 use crate::call::Transport;
+use crate::replicas::ReplicaSet;
 use futures::{Stream, StreamExt};
 use llama_agent_proto::embedder::v1 as pb;
 use llama_agent_proto::embedder::v1::embedder_service_client::EmbedderServiceClient;
@@ -20,7 +25,7 @@ const STREAM_SEND_AHEAD: usize = 2;
 
 #[derive(Clone)]
 pub struct EmbedderClient {
-    inner: EmbedderServiceClient<Transport>,
+    replicas: Arc<ReplicaSet>,
     retry: RetryPolicy,
     deadline: Duration,
 }
@@ -28,14 +33,19 @@ pub struct EmbedderClient {
 impl EmbedderClient {
     crate::call::constructors!();
 
-    fn over(transport: Transport) -> Self {
+    fn over(replicas: Arc<ReplicaSet>) -> Self {
         Self {
-            inner: EmbedderServiceClient::new(transport)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            replicas,
             retry: RetryPolicy::default(),
             deadline: DEFAULT_DEADLINE,
         }
+    }
+
+    /// The service's client over one replica's transport.
+    fn svc(t: Transport) -> EmbedderServiceClient<Transport> {
+        EmbedderServiceClient::new(t)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// Deadline of each unary `embed` call (streams have none unless the caller sets one).
@@ -44,24 +54,26 @@ impl EmbedderClient {
         self
     }
 
-    /// Embeds `req.texts` in one call. Retried on UNAVAILABLE and RESOURCE_EXHAUSTED
-    /// (embedding is idempotent).
+    /// Embeds `req.texts` in one call. Retried on UNAVAILABLE and RESOURCE_EXHAUSTED, on
+    /// another replica (embedding is idempotent).
     pub async fn embed(&self, req: pb::EmbedRequest) -> Result<pb::EmbedResponse, ClientError> {
-        let r = self
+        let warmth = Warmth::model(&req.model);
+        let (r, _done) = self
             .retry
-            .run(|| {
-                let mut c = self.inner.clone();
+            .spread(&self.replicas, &warmth, |t| {
                 let mut request = req.clone().into_request();
                 request.set_timeout(self.deadline);
-                async move { c.embed(request).await }
+                async move { Self::svc(t).embed(request).await }
             })
             .await?;
         Ok(r.into_inner())
     }
 
-    /// Opens EmbedStream with its first batch (which names the model and options). Batches
-    /// go in with [`EmbedSender::send`]; answers come out of the stream in the same order.
-    /// Not retried: a stream that fails is the caller's to resume.
+    /// Opens EmbedStream with its first batch (which names the model and options), on the
+    /// replica [`pick`](crate::balance::pick) chooses. Batches go in with
+    /// [`EmbedSender::send`]; answers come out of the stream in the same order. Not retried:
+    /// a stream that fails is the caller's to resume (elsewhere: a replica that failed at
+    /// the transport level gets no new calls for a while).
     pub async fn embed_stream(
         &self,
         first: pb::EmbedStreamRequest,
@@ -72,16 +84,30 @@ impl EmbedderClient {
         ),
         ClientError,
     > {
+        let warmth = Warmth::model(&first.model);
+        let guard = self.replicas.choose(&[], &warmth);
         let (tx, rx) = mpsc::channel(STREAM_SEND_AHEAD);
         // The server answers the call once it has read the first batch.
         tx.send(first).await.map_err(|_| ClientError::Incomplete)?;
         let outbound =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        let mut c = self.inner.clone();
-        let inbound = c.embed_stream(outbound).await?.into_inner();
+        let opened = Self::svc(guard.replica().transport.clone())
+            .embed_stream(outbound)
+            .await;
+        let inbound = match opened {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                if crate::retry::ejects(s.code()) {
+                    guard.replica().failed();
+                }
+                return Err(s.into());
+            }
+        };
+        self.replicas.served(&guard, &warmth);
+        let replica = Arc::clone(guard.replica());
         Ok((
-            EmbedSender { tx },
-            inbound.map(|r| r.map_err(ClientError::from)),
+            EmbedSender { tx, replica },
+            watched(inbound, guard).map(|r| r.map_err(ClientError::from)),
         ))
     }
 
@@ -93,12 +119,11 @@ impl EmbedderClient {
         &self,
         req: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, ClientError> {
+        let warmth = Warmth::model(&req.model);
         self.retry
-            .unary(
-                &self.inner,
-                req,
-                |mut c, r| async move { c.tokenize(r).await },
-            )
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                Self::svc(t).tokenize(r).await
+            })
             .await
     }
 
@@ -107,12 +132,11 @@ impl EmbedderClient {
         &self,
         req: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeResponse, ClientError> {
+        let warmth = Warmth::model(&req.model);
         self.retry
-            .unary(
-                &self.inner,
-                req,
-                |mut c, r| async move { c.detokenize(r).await },
-            )
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                Self::svc(t).detokenize(r).await
+            })
             .await
     }
 
@@ -121,9 +145,10 @@ impl EmbedderClient {
         let req = pb::GetModelInfoRequest {
             model: model.to_string(),
         };
+        let warmth = Warmth::model(model);
         self.retry
-            .unary(&self.inner, req, |mut c, r| async move {
-                c.get_model_info(r).await
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                Self::svc(t).get_model_info(r).await
             })
             .await
     }
@@ -132,12 +157,11 @@ impl EmbedderClient {
     /// UNAVAILABLE and RESOURCE_EXHAUSTED (scoring changes nothing); no deadline, like
     /// `tokenize`, since the service may load the model first.
     pub async fn rerank(&self, req: pb::RerankRequest) -> Result<pb::RerankResponse, ClientError> {
+        let warmth = Warmth::model(&req.model);
         self.retry
-            .unary(
-                &self.inner,
-                req,
-                |mut c, r| async move { c.rerank(r).await },
-            )
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                Self::svc(t).rerank(r).await
+            })
             .await
     }
 }
@@ -145,6 +169,7 @@ impl EmbedderClient {
 /// The sending half of an EmbedStream; dropping it (or `finish`) half-closes the stream.
 pub struct EmbedSender {
     tx: mpsc::Sender<pb::EmbedStreamRequest>,
+    replica: Arc<Replica>,
 }
 
 impl EmbedSender {
@@ -159,6 +184,17 @@ impl EmbedSender {
 
     /// No more batches: the server answers what it has and ends the stream.
     pub fn finish(self) {}
+
+    /// The stream's replica started draining (SIGTERM): it should get no new batches; what
+    /// it has, it answers before it stops.
+    pub fn replica_draining(&self) -> bool {
+        self.replica.is_draining()
+    }
+
+    /// The stream's replica (`http://10.0.0.7:50053`), for logs.
+    pub fn replica(&self) -> &str {
+        &self.replica.addr
+    }
 }
 
 /// The vectors of `e` as f32 rows (f16 widened), or `None` when the bytes do not hold

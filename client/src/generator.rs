@@ -1,6 +1,10 @@
 //! Client of llama_agent.generator.v1.GeneratorService.
 
-use crate::call::Transport;
+use std::sync::Arc;
+
+use crate::affinity::{prefix_key, prompt_prefix, Warmth, CHAT_PREFIX_MESSAGES};
+use crate::balance::watched;
+use crate::replicas::ReplicaSet;
 use futures::{Stream, StreamExt};
 use llama_agent_proto::generator::v1 as pb;
 use llama_agent_proto::generator::v1::generator_service_client::GeneratorServiceClient;
@@ -9,7 +13,7 @@ use crate::{ClientError, RetryPolicy};
 
 #[derive(Clone)]
 pub struct GeneratorClient {
-    inner: GeneratorServiceClient<Transport>,
+    replicas: Arc<ReplicaSet>,
     retry: RetryPolicy,
 }
 
@@ -26,34 +30,35 @@ pub struct Generated {
 impl GeneratorClient {
     crate::call::constructors!();
 
-    fn over(transport: Transport) -> Self {
+    fn over(replicas: Arc<ReplicaSet>) -> Self {
         Self {
-            inner: GeneratorServiceClient::new(transport),
+            replicas,
             retry: RetryPolicy::default(),
         }
     }
 
     /// Generate as a stream of chunks ending with the done message. Opening the stream is
-    /// retried on UNAVAILABLE and RESOURCE_EXHAUSTED (nothing was generated yet); a stream
-    /// that breaks midway is not. Dropping the stream cancels the generation.
+    /// retried on UNAVAILABLE and RESOURCE_EXHAUSTED, on another replica (nothing was
+    /// generated yet); a stream that breaks midway is reported, never replayed. The replica
+    /// that served the same conversation opening is preferred (its prompt cache holds it),
+    /// then one that served the model. Dropping the stream cancels the generation.
     pub async fn generate_stream(
         &self,
         req: pb::GenerateRequest,
         deadline: Option<std::time::Duration>,
     ) -> Result<impl Stream<Item = Result<pb::GenerateResponse, ClientError>>, ClientError> {
-        let stream = self
+        let warmth = generate_warmth(&req);
+        let (stream, guard) = self
             .retry
-            .run(|| {
-                let mut c = self.inner.clone();
+            .spread(&self.replicas, &warmth, |t| {
                 let mut request = tonic::Request::new(req.clone());
                 if let Some(d) = deadline {
                     request.set_timeout(d);
                 }
-                async move { c.generate(request).await }
+                async move { GeneratorServiceClient::new(t).generate(request).await }
             })
-            .await?
-            .into_inner();
-        Ok(stream.map(|r| r.map_err(ClientError::from)))
+            .await?;
+        Ok(watched(stream.into_inner(), guard).map(|r| r.map_err(ClientError::from)))
     }
 
     /// Generate to the end; `on_chunk` sees each chunk as it arrives.
@@ -90,12 +95,11 @@ impl GeneratorClient {
         &self,
         req: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, ClientError> {
+        let warmth = Warmth::model(&req.model);
         self.retry
-            .unary(
-                &self.inner,
-                req,
-                |mut c, r| async move { c.tokenize(r).await },
-            )
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                GeneratorServiceClient::new(t).tokenize(r).await
+            })
             .await
     }
 
@@ -104,12 +108,11 @@ impl GeneratorClient {
         &self,
         req: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeResponse, ClientError> {
+        let warmth = Warmth::model(&req.model);
         self.retry
-            .unary(
-                &self.inner,
-                req,
-                |mut c, r| async move { c.detokenize(r).await },
-            )
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                GeneratorServiceClient::new(t).detokenize(r).await
+            })
             .await
     }
 
@@ -118,9 +121,10 @@ impl GeneratorClient {
         &self,
         req: pb::ApplyChatTemplateRequest,
     ) -> Result<pb::ApplyChatTemplateResponse, ClientError> {
+        let warmth = Warmth::model(&req.model);
         self.retry
-            .unary(&self.inner, req, |mut c, r| async move {
-                c.apply_chat_template(r).await
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                GeneratorServiceClient::new(t).apply_chat_template(r).await
             })
             .await
     }
@@ -130,10 +134,83 @@ impl GeneratorClient {
         let req = pb::GetModelInfoRequest {
             model: model.to_string(),
         };
+        let warmth = Warmth::model(model);
         self.retry
-            .unary(&self.inner, req, |mut c, r| async move {
-                c.get_model_info(r).await
+            .unary(&self.replicas, &warmth, req, |t, r| async move {
+                GeneratorServiceClient::new(t).get_model_info(r).await
             })
             .await
+    }
+}
+
+/// What makes a generator warm for `req`: its model, and its conversation's opening (the
+/// first messages, or the first bytes of a raw prompt) whose prompt cache it may still hold.
+fn generate_warmth(req: &pb::GenerateRequest) -> Warmth {
+    use pb::generate_request::Input;
+    let prefix = match &req.input {
+        Some(Input::Prompt(p)) => prompt_prefix(p).map(|p| prefix_key(&req.model, [p])),
+        Some(Input::Chat(c)) if c.messages.len() >= CHAT_PREFIX_MESSAGES => Some(prefix_key(
+            &req.model,
+            c.messages[..CHAT_PREFIX_MESSAGES]
+                .iter()
+                .flat_map(|m| [m.role.as_str(), m.content.as_str()]),
+        )),
+        _ => None,
+    };
+    Warmth {
+        prefix,
+        ..Warmth::model(&req.model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(turns: &[(&str, &str)]) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            model: "m".into(),
+            input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                messages: turns
+                    .iter()
+                    .map(|(r, c)| pb::ChatMessage {
+                        role: r.to_string(),
+                        content: c.to_string(),
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_key_as_it_grows() {
+        let first = chat(&[("system", "be brief"), ("user", "hi")]);
+        let later = chat(&[
+            ("system", "be brief"),
+            ("user", "hi"),
+            ("assistant", "hello"),
+            ("user", "more"),
+        ]);
+        let other = chat(&[("system", "be brief"), ("user", "bye")]);
+        fn key(r: &pb::GenerateRequest) -> Option<u64> {
+            generate_warmth(r).prefix
+        }
+        assert!(key(&first).is_some());
+        assert_eq!(key(&first), key(&later));
+        assert_ne!(key(&first), key(&other));
+        assert_eq!(key(&chat(&[("user", "hi")])), None);
+        let long = "x".repeat(1000);
+        let prompt = |p: &str| pb::GenerateRequest {
+            model: "m".into(),
+            input: Some(pb::generate_request::Input::Prompt(p.into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            key(&prompt(&long)),
+            key(&prompt(&format!("{long} and more")))
+        );
+        assert_eq!(key(&prompt("short")), None);
+        assert_eq!(generate_warmth(&first).model.as_deref(), Some("m"));
     }
 }

@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::affinity::Warmth;
+use crate::balance::watched;
 use crate::call::Transport;
+use crate::replicas::ReplicaSet;
 use futures::{Stream, StreamExt};
 use llama_agent_proto::common::v1::ModelInfo;
 use llama_agent_proto::loader::v1 as pb;
@@ -13,7 +18,7 @@ use crate::{ClientError, RetryPolicy, DEFAULT_DEADLINE};
 
 #[derive(Clone)]
 pub struct LoaderClient {
-    inner: LoaderServiceClient<Transport>,
+    replicas: Arc<ReplicaSet>,
     retry: RetryPolicy,
     deadline: Duration,
 }
@@ -29,10 +34,10 @@ pub struct Ensured {
 impl LoaderClient {
     crate::call::constructors!();
 
-    fn over(transport: Transport) -> Self {
+    // Model files are big but messages are small; the default message limits suffice.
+    fn over(replicas: Arc<ReplicaSet>) -> Self {
         Self {
-            // Model files are big but messages are small; defaults suffice.
-            inner: LoaderServiceClient::new(transport),
+            replicas,
             retry: RetryPolicy::default(),
             deadline: DEFAULT_DEADLINE,
         }
@@ -49,16 +54,15 @@ impl LoaderClient {
         &self,
         req: pb::EnsureModelRequest,
     ) -> Result<impl Stream<Item = Result<pb::EnsureModelResponse, ClientError>>, ClientError> {
-        let stream = self
+        let warmth = Warmth::model(&req.model);
+        let (stream, guard) = self
             .retry
-            .run(|| {
-                let mut c = self.inner.clone();
+            .spread(&self.replicas, &warmth, |t| {
                 let req = req.clone();
-                async move { c.ensure_model(req).await }
+                async move { LoaderServiceClient::new(t).ensure_model(req).await }
             })
-            .await?
-            .into_inner();
-        Ok(stream.map(|r| r.map_err(ClientError::from)))
+            .await?;
+        Ok(watched(stream.into_inner(), guard).map(|r| r.map_err(ClientError::from)))
     }
 
     /// EnsureModel to the end; `on_progress` sees every progress event.
@@ -89,7 +93,7 @@ impl LoaderClient {
         Err(ClientError::Incomplete)
     }
 
-    /// One unary call with the default deadline, retried per `retry`.
+    /// One unary call with the default deadline, retried per `retry` (on another replica).
     async fn unary<Req, Resp, F, Fut>(
         &self,
         req: Req,
@@ -102,13 +106,13 @@ impl LoaderClient {
         F: Fn(LoaderServiceClient<Transport>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let r = retry
-            .run(|| {
+        let (r, _done) = retry
+            .spread(&self.replicas, &Warmth::default(), |t| {
                 let mut request = req.clone().into_request();
                 if let Some(d) = deadline {
                     request.set_timeout(d);
                 }
-                call(self.inner.clone(), request)
+                call(LoaderServiceClient::new(t), request)
             })
             .await?;
         Ok(r.into_inner())

@@ -1,9 +1,11 @@
 //! `llama-cli embed`: texts from a .txt/.jsonl file (or stdin) through EmbedStream into a
 //! Parquet file. Reading, embedding and writing overlap and each holds a few batches at
 //! most, so memory stays flat whatever the input size; `--resume` continues an interrupted
-//! run after its last complete row group.
+//! run after its last complete row group. Over several embedder replicas the batches spread
+//! (see `lanes`) and are written back in input order.
 
 pub(crate) mod input;
+mod lanes;
 mod meter;
 mod output;
 
@@ -12,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
 use llama_agent_client::embedder::decode_vectors;
 use llama_agent_client::proto::embedder::v1 as pb;
 use llama_agent_client::{EmbedderClient, LoaderClient};
@@ -25,9 +26,6 @@ use output::{Checkpoint, FileMeta, Output, RunIdentity};
 
 /// Batches read ahead of the embedder: enough to keep the stream fed.
 const READ_AHEAD: usize = 4;
-/// Batches sent and not yet answered whose rows wait here for their vectors: more than the
-/// client's send-ahead plus the server's in-flight batches, so this queue never stalls first.
-const AWAITING: usize = 16;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum PoolingArg {
@@ -80,7 +78,10 @@ pub struct EmbedArgs {
     /// Rows per Parquet row group (and per resume checkpoint).
     #[arg(long, default_value_t = 4096)]
     row_group_rows: usize,
-    /// Embedder service (`host:port`). Without it the embedder runs inside this process.
+    /// Embedder service (`host:port`), or its replicas: a comma-separated list, or a DNS name
+    /// with several addresses. Batches spread over the replicas, one stream each; a replica
+    /// that fails or drains mid-job has its unanswered batches sent again to another.
+    /// Without it the embedder runs inside this process.
     #[arg(long, env = "LLAMA_EMBEDDER_ENDPOINT")]
     embedder_endpoint: Option<String>,
     /// Settings of the in-process embedder (ignored with --embedder-endpoint).
@@ -214,46 +215,19 @@ pub async fn run(
     let Some(first) = batch_rx.recv().await.transpose()? else {
         return finish_without_rows(&args, resume);
     };
-    let first_req = pb::EmbedStreamRequest {
+    // One stream per replica of the endpoint (one for a single server or in-process).
+    let streams = client.replica_count().await;
+    let job = lanes::Job {
         model: args.model.clone(),
-        options: Some(args.options()),
-        items: items(&first),
+        options: args.options(),
     };
-    let (sender, responses) = client.embed_stream(first_req).await?;
-    let (awaiting_tx, mut awaiting) = mpsc::channel::<Vec<Row>>(AWAITING);
-    awaiting_tx.send(first).await?;
-    let feeder = tokio::spawn(async move {
-        while let Some(rows) = batch_rx.recv().await {
-            let rows = rows?;
-            let batch = items(&rows);
-            if awaiting_tx.send(rows).await.is_err() {
-                break;
-            }
-            sender.send(batch).await?;
-        }
-        sender.finish();
-        anyhow::Ok(())
-    });
-
     let mut meter = Meter::new(total_bytes);
     let mut out: Option<Output> = None;
-    let mut responses = std::pin::pin!(responses);
-    while let Some(resp) = responses.next().await {
-        let resp = resp?;
-        let rows = awaiting
-            .recv()
-            .await
-            .context("the embedder answered a batch that was never sent")?;
+    let written = lanes::run(&client, &job, streams, first, batch_rx, |rows, resp| {
         let e = resp
             .embeddings
             .as_ref()
             .context("the embedder sent no vectors")?;
-        if resp.ids.len() != rows.len() || resp.ids.iter().zip(&rows).any(|(id, r)| *id != r.id) {
-            bail!(
-                "the embedder answered out of order (expected id {})",
-                rows[0].id
-            );
-        }
         let vectors = decode_vectors(e).context("the embedder sent malformed vectors")?;
         if out.is_none() {
             out = Some(open_output(
@@ -268,9 +242,11 @@ pub async fn run(
             o.write(&rows, vectors, &e.token_counts, &e.truncated)?;
         }
         meter.update(rows.len() as u64, bytes_read.load(Ordering::Relaxed));
-    }
-    // A failed read (--strict) ends the stream early: the file stays resumable, not closed.
-    feeder.await.context("input task")??;
+        Ok(())
+    })
+    .await;
+    // A failed read (--strict) ends the job early: the file stays resumable, not closed.
+    written?;
     meter.finish();
     let out = out.context("the embedder closed the stream without answering")?;
     let rows = out.finish()?;
@@ -281,15 +257,6 @@ pub async fn run(
         meter.rate()
     );
     Ok(())
-}
-
-fn items(rows: &[Row]) -> Vec<pb::TextItem> {
-    rows.iter()
-        .map(|r| pb::TextItem {
-            id: r.id.clone(),
-            text: r.text.clone(),
-        })
-        .collect()
 }
 
 /// The output file, created on the first answer (which tells the width and the model's MD5);

@@ -65,7 +65,8 @@ pub struct GenerateArgs {
     /// Print the prompt the chat template renders (and its token count) instead of generating.
     #[arg(long)]
     print_prompt: bool,
-    /// Generator service (`host:port`). Without it the generator runs inside this process.
+    /// Generator service (`host:port`), or its replicas (a comma-separated list, or a DNS
+    /// name with several addresses). Without it the generator runs inside this process.
     #[arg(long, env = "LLAMA_GENERATOR_ENDPOINT")]
     generator_endpoint: Option<String>,
     /// Settings of the in-process generator (ignored with --generator-endpoint).

@@ -21,10 +21,12 @@ pub struct Target {
     /// Ask the embedder (its model settings) instead of the generator.
     #[arg(long)]
     embedder: bool,
-    /// Generator service (`host:port`); without it one runs in this process.
+    /// Generator service (`host:port`, or replicas: `a:50052,b:50052`); without it one runs
+    /// in this process.
     #[arg(long, env = "LLAMA_GENERATOR_ENDPOINT")]
     generator_endpoint: Option<String>,
-    /// Embedder service (`host:port`); without it one runs in this process.
+    /// Embedder service (`host:port`, or replicas: `a:50053,b:50053`); without it one runs
+    /// in this process.
     #[arg(long, env = "LLAMA_EMBEDDER_ENDPOINT")]
     embedder_endpoint: Option<String>,
 }

@@ -21,7 +21,8 @@ use tracing::Instrument;
     about = "Local LLM inference on GGUF models: pull, cache, generate, embed"
 )]
 struct Cli {
-    /// Loader service (`host:port`). Without it the loader runs inside this process.
+    /// Loader service (`host:port`, or replicas: `a:50051,b:50051`). Without it the loader
+    /// runs inside this process.
     #[arg(long, env = "LLAMA_LOADER_ENDPOINT", global = true)]
     loader_endpoint: Option<String>,
 

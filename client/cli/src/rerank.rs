@@ -60,7 +60,8 @@ pub struct RerankArgs {
     /// Documents per request.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Embedder service (`host:port`). Without it the embedder runs inside this process.
+    /// Embedder service (`host:port`), or its replicas (a comma-separated list, or a DNS
+    /// name with several addresses). Without it the embedder runs inside this process.
     #[arg(long, env = "LLAMA_EMBEDDER_ENDPOINT")]
     embedder_endpoint: Option<String>,
     /// Settings of the in-process embedder (ignored with --embedder-endpoint).
