@@ -73,8 +73,16 @@ impl Replica {
         }
     }
 
-    /// A call failed in a way that says the server is not there (refused, reset, drained).
-    pub(crate) fn failed(&self) {
+    /// A call on it failed with `s`. UNAVAILABLE says the server is not there (refused,
+    /// reset, draining): it gets no new calls for a while. A full queue (RESOURCE_EXHAUSTED)
+    /// is a busy replica, not a missing one.
+    pub(crate) fn call_failed(&self, s: &tonic::Status) {
+        if s.code() == tonic::Code::Unavailable {
+            self.failed();
+        }
+    }
+
+    fn failed(&self) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed).min(5);
         let pause = (FIRST_EJECTION * 2u32.pow(n)).min(MAX_EJECTION);
         if let Ok(mut u) = self.ejected_until.lock() {
@@ -171,9 +179,7 @@ pub(crate) fn watched<T>(
 ) -> impl Stream<Item = Result<T, tonic::Status>> {
     stream.map(move |r| {
         if let Err(s) = &r {
-            if crate::retry::ejects(s.code()) {
-                guard.replica().failed();
-            }
+            guard.replica().call_failed(s);
         }
         r
     })

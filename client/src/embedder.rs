@@ -94,16 +94,8 @@ impl EmbedderClient {
         let opened = Self::svc(guard.replica().transport.clone())
             .embed_stream(outbound)
             .await;
-        let inbound = match opened {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
-                if crate::retry::ejects(s.code()) {
-                    guard.replica().failed();
-                }
-                return Err(s.into());
-            }
-        };
-        self.replicas.served(&guard, &warmth);
+        self.replicas.settle(&guard, &warmth, &opened);
+        let inbound = opened?.into_inner();
         let replica = Arc::clone(guard.replica());
         Ok((
             EmbedSender { tx, replica },

@@ -252,14 +252,19 @@ impl ReplicaSet {
         InFlight::new(chosen.unwrap_or_else(|| Arc::clone(&replicas[0])))
     }
 
-    /// The replica behind `guard` answered a call for `w`.
-    pub(crate) fn served(&self, guard: &InFlight, w: &Warmth) {
-        guard.replica().succeeded();
-        if self.is_multi() {
-            if let Ok(mut a) = self.affinity.lock() {
-                a.served(w, guard.replica().id);
+    /// How the call for `w` on the replica behind `guard` ended: an answer makes the replica
+    /// warm for `w`; a failure may eject it.
+    pub(crate) fn settle<T>(&self, guard: &InFlight, w: &Warmth, r: &Result<T, tonic::Status>) {
+        let Err(s) = r else {
+            guard.replica().succeeded();
+            if self.is_multi() {
+                if let Ok(mut a) = self.affinity.lock() {
+                    a.served(w, guard.replica().id);
+                }
             }
-        }
+            return;
+        };
+        guard.replica().call_failed(s);
     }
 
     fn is_multi(&self) -> bool {

@@ -89,18 +89,12 @@ impl RetryPolicy {
         let mut tried = Vec::new();
         loop {
             let guard = set.choose(&tried, warmth);
-            match call(guard.replica().transport.clone()).await {
-                Ok(v) => {
-                    set.served(&guard, warmth);
-                    return Ok((v, guard));
-                }
+            let r = call(guard.replica().transport.clone()).await;
+            set.settle(&guard, warmth, &r);
+            match r {
+                Ok(v) => return Ok((v, guard)),
+                Err(s) if !retryable(s.code()) => return Err(s),
                 Err(s) => {
-                    if ejects(s.code()) {
-                        guard.replica().failed();
-                    }
-                    if !retryable(s.code()) {
-                        return Err(s);
-                    }
                     tracing::debug!(replica = guard.addr(), code = ?s.code(), "trying another replica");
                     tried.push(guard.replica().id);
                     drop(guard);
@@ -114,12 +108,6 @@ impl RetryPolicy {
 /// Worth another attempt: the server was not there or was full.
 pub(crate) fn retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::ResourceExhausted)
-}
-
-/// Says the replica is not there (refused, reset, draining): it gets no new calls for a
-/// while. A full queue (RESOURCE_EXHAUSTED) is a busy replica, not a missing one.
-pub(crate) fn ejects(code: Code) -> bool {
-    matches!(code, Code::Unavailable)
 }
 
 /// The pauses between the attempts of one call.
