@@ -3,6 +3,8 @@
 //! may be loaded at once, so each engine adds what changed since it last published and takes
 //! its share back when its model is unloaded.
 
+use std::sync::Mutex;
+
 use crate::metrics::{GEN_KV_CELLS, GEN_KV_USAGE, GEN_RUNNING, QUEUE_DEPTH};
 
 /// Puts the gauges in the registry at zero before any model is loaded: an endpoint picker or
@@ -59,7 +61,12 @@ impl Drop for Gauges {
     }
 }
 
+/// Sets the ratio from the cell gauges. Engines of several models publish from their own
+/// threads: reading both gauges and setting the ratio under one lock means the last ratio
+/// set was read after every update before it, so a slow engine cannot leave a stale one.
 fn ratio() {
+    static RATIO: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = RATIO.lock().unwrap_or_else(|e| e.into_inner());
     let total = GEN_KV_CELLS.with_label_values(&["total"]).get();
     let used = GEN_KV_CELLS.with_label_values(&["used"]).get();
     GEN_KV_USAGE.set(if total > 0 {
