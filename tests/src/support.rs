@@ -399,6 +399,22 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
+    /// A loader downloading from `mirror` into `cache`.
+    pub fn loader(
+        mirror: &crate::mirror::Mirror,
+        cache: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let cache_dir = cache.display().to_string();
+        let args = [
+            "--cache-dir",
+            &cache_dir,
+            "--hf-endpoint",
+            mirror.base_url(),
+        ];
+        Self::spawn_env("llama-loader", &args, env)
+    }
+
     pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
         Self::spawn_env(bin, args, &[])
     }

@@ -37,18 +37,7 @@ async fn start() -> Services {
     .unwrap();
     let cache = tempfile::tempdir().unwrap();
     let env = [("LLAMA_AGENT_TOKEN", TOKEN)];
-    let cache_dir = cache.path().display().to_string();
-    let loader = ServiceProcess::spawn_env(
-        "llama-loader",
-        &[
-            "--cache-dir",
-            &cache_dir,
-            "--hf-endpoint",
-            mirror.base_url(),
-        ],
-        &env,
-    )
-    .unwrap();
+    let loader = ServiceProcess::loader(&mirror, cache.path(), &env).unwrap();
     let loader_url = format!("http://{}", loader.addr);
     // Without flash attention the same request packs and embeds the same way every time, so
     // the HTTP and gRPC answers to it can be compared value by value.

@@ -848,17 +848,7 @@ fn llama_health_reports_serving_and_unreachable() {
 async fn a_failed_preload_stops_the_service_with_an_error() {
     let mirror = mirror().await;
     let cache = tempfile::tempdir().unwrap();
-    let cache_dir = cache.path().display().to_string();
-    let loader = ServiceProcess::spawn(
-        "llama-loader",
-        &[
-            "--cache-dir",
-            &cache_dir,
-            "--hf-endpoint",
-            mirror.base_url(),
-        ],
-    )
-    .unwrap();
+    let loader = ServiceProcess::loader(&mirror, cache.path(), &[]).unwrap();
     let loader_url = format!("http://{}", loader.addr);
     // It answers health (NOT_SERVING) while it preloads; the model does not exist.
     let mut embedder = ServiceProcess::spawn(

@@ -7,9 +7,10 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use llama_agent_tests::http::{sample, scrape};
 use llama_agent_tests::mirror::{Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
-    model, repo_root, workspace_command, ServiceProcess, MINILM_FILE,
+    model, repo_root, run_ok, workspace_command, ServiceProcess, MINILM_FILE,
 };
 
 const MINILM_REPO: &str = "test/all-MiniLM-L6-v2-GGUF";
@@ -34,17 +35,7 @@ struct Topology {
 impl Topology {
     fn start(mirror: &Mirror) -> Self {
         let cache = tempfile::tempdir().unwrap();
-        let cache_dir = cache.path().display().to_string();
-        let loader = ServiceProcess::spawn(
-            "llama-loader",
-            &[
-                "--cache-dir",
-                &cache_dir,
-                "--hf-endpoint",
-                mirror.base_url(),
-            ],
-        )
-        .unwrap();
+        let loader = ServiceProcess::loader(mirror, cache.path(), &[]).unwrap();
         let loader_url = format!("http://{}", loader.addr);
         // A drain waits for its streams far longer than the tests take, so a drained
         // replica that exits early shows its client let go of it.
@@ -84,17 +75,13 @@ impl Topology {
 }
 
 /// Texts embedded by `e` so far, from its `/metrics`.
-async fn texts_served(e: &ServiceProcess) -> f64 {
-    metric(e, "llama_agent_embedder_texts_total").await
+fn texts_served(e: &ServiceProcess) -> f64 {
+    metric(e, "llama_agent_embedder_texts_total")
 }
 
-/// A metric's value (without labels) from a service's `/metrics`; 0 when absent.
-async fn metric(p: &ServiceProcess, name: &str) -> f64 {
-    let url = format!("http://{}/metrics", p.metrics.expect("metrics listen"));
-    let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+/// A metric's value from a service's `/metrics`; 0 when absent.
+fn metric(p: &ServiceProcess, name: &str) -> f64 {
+    sample(&scrape(p), name, &[])
 }
 
 fn write_input(path: &Path, n: usize) {
@@ -150,8 +137,8 @@ async fn finish(mut child: Child) -> (ExitStatus, String) {
 async fn until_both_served(t: &Topology) {
     let deadline = Instant::now() + BOUND;
     loop {
-        let a = texts_served(&t.embedders[0]).await;
-        let b = texts_served(&t.embedders[1]).await;
+        let a = texts_served(&t.embedders[0]);
+        let b = texts_served(&t.embedders[1]);
         if a > 0.0 && b > 0.0 {
             return;
         }
@@ -164,17 +151,12 @@ async fn until_both_served(t: &Topology) {
 fn parquet_ids(path: &Path) -> Vec<String> {
     let script = "import json, sys, pyarrow.parquet as pq\n\
                   print(json.dumps(pq.read_table(sys.argv[1]).column('id').to_pylist()))";
-    let out = Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pyarrow: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(repo_root().join(".venv/bin/python"))
+            .args(["-c", script])
+            .arg(path),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&out).unwrap()
 }
 
 /// Every input line exactly once, in input order.
@@ -195,10 +177,7 @@ async fn embed_spreads_batches_over_both_replicas() {
     write_input(&input, n);
     let (status, stderr) = finish(embed(&t.endpoint(), &input, &output)).await;
     assert!(status.success(), "{stderr}");
-    let (a, b) = (
-        texts_served(&t.embedders[0]).await,
-        texts_served(&t.embedders[1]).await,
-    );
+    let (a, b) = (texts_served(&t.embedders[0]), texts_served(&t.embedders[1]));
     assert!(a > 0.0 && b > 0.0, "served {a} and {b}");
     assert_eq!(a + b, n as f64, "each text embedded once");
     assert_every_row_once(&output, n);
@@ -308,7 +287,7 @@ async fn idempotent_calls_move_off_a_replica_that_is_gone() {
         let info = client.model_info(MINILM_REPO).await.unwrap();
         assert_eq!(info.dimensions, 384);
     }
-    assert_eq!(texts_served(live).await, 6.0);
+    assert_eq!(texts_served(live), 6.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,17 +301,7 @@ async fn a_conversation_stays_on_the_generator_that_holds_its_prefix() {
     .await
     .unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let cache_dir = cache.path().display().to_string();
-    let loader = ServiceProcess::spawn(
-        "llama-loader",
-        &[
-            "--cache-dir",
-            &cache_dir,
-            "--hf-endpoint",
-            mirror.base_url(),
-        ],
-    )
-    .unwrap();
+    let loader = ServiceProcess::loader(&mirror, cache.path(), &[]).unwrap();
     let loader_url = format!("http://{}", loader.addr);
     let generators: Vec<ServiceProcess> = (0..2)
         .map(|_| {
@@ -400,8 +369,8 @@ async fn a_conversation_stays_on_the_generator_that_holds_its_prefix() {
     }
     let tokens = "llama_agent_generator_tokens_generated_total";
     let (a, b) = (
-        metric(&generators[0], tokens).await,
-        metric(&generators[1], tokens).await,
+        metric(&generators[0], tokens),
+        metric(&generators[1], tokens),
     );
     assert!(generated > 0.0);
     assert!(
