@@ -302,6 +302,8 @@ pub struct GeneratorStack {
     pub loader: Option<InProcessLoader>,
     pub generator: llama_agent_client::GeneratorClient,
     pub generator_addr: SocketAddr,
+    /// The OpenAI-compatible HTTP front, when started with it.
+    pub http_addr: Option<SocketAddr>,
     _cache: tempfile::TempDir,
 }
 
@@ -309,15 +311,29 @@ pub const GEMMA_REPO: &str = "test/gemma-3-270m-GGUF";
 
 impl GeneratorStack {
     pub async fn start(config: llama_generator::GeneratorConfig) -> anyhow::Result<Self> {
+        Self::launch(config, false).await
+    }
+
+    /// With the OpenAI-compatible HTTP front on another ephemeral port.
+    pub async fn start_with_http(config: llama_generator::GeneratorConfig) -> anyhow::Result<Self> {
+        Self::launch(config, true).await
+    }
+
+    async fn launch(config: llama_generator::GeneratorConfig, http: bool) -> anyhow::Result<Self> {
         let (mirror, cache, loader) = mirrored_loader(GEMMA_REPO, GEMMA_FILE).await?;
         let loader_client = loader.client.clone();
+        let http = match http {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+            false => None,
+        };
+        let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
         let server = InProcessServer::start("generator", |listener, shutdown| {
             llama_generator::run(
                 config,
                 Plumbing::plain(),
                 loader_client,
                 listener,
-                None,
+                http,
                 shutdown,
             )
         })
@@ -330,6 +346,7 @@ impl GeneratorStack {
             loader: Some(loader),
             generator,
             generator_addr,
+            http_addr,
             _cache: cache,
             _server: server,
         })
@@ -504,6 +521,17 @@ pub fn grpcurl() -> String {
 }
 
 /// Runs `cmd`, asserting success; its stdout.
+/// A program of the project's Python venv (the PyPI MCP servers, python itself).
+pub fn venv_bin(name: &str) -> String {
+    let p = repo_root().join(".venv/bin").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/python-env.sh",
+        p.display()
+    );
+    p.display().to_string()
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
     assert!(

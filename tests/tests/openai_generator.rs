@@ -106,7 +106,7 @@ async fn grpc_answer(
             Some(pb::generate_response::Event::Done(d)) => {
                 return (text, d.usage.unwrap(), logprobs)
             }
-            None => {}
+            Some(pb::generate_response::Event::ToolCall(_)) | None => {}
         }
     }
     panic!("the stream ended without its final message");
@@ -116,6 +116,7 @@ fn chat_input() -> pb::generate_request::Input {
     let m = |role: &str, content: &str| pb::ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     };
     pb::generate_request::Input::Chat(pb::ChatMessages {
         messages: vec![m("system", "Answer briefly."), m("user", PROMPT)],

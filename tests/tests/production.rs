@@ -637,7 +637,7 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
                 }
             }
             Some(gpb::generate_response::Event::Done(x)) => done = Some(x),
-            None => {}
+            Some(gpb::generate_response::Event::ToolCall(_)) | None => {}
         }
     }
     let done = done.expect("the stream ended with its done message");
@@ -689,7 +689,7 @@ async fn sigterm_lets_every_live_stream_of_any_length_finish() {
                         tokens += c.token_ids.len();
                     }
                     Some(gpb::generate_response::Event::Done(x)) => done = Some(x),
-                    None => {}
+                    Some(gpb::generate_response::Event::ToolCall(_)) | None => {}
                 }
             }
             Ok::<_, ClientError>((n, tokens, done))

@@ -346,6 +346,7 @@ async fn a_conversation_stays_on_the_generator_that_holds_its_prefix() {
                     .map(|(role, content)| gpb::ChatMessage {
                         role: role.clone(),
                         content: content.clone(),
+                        ..Default::default()
                     })
                     .collect(),
             })),

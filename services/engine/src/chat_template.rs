@@ -18,10 +18,24 @@ pub const MAX_TEMPLATE_BYTES: usize = 256 << 10;
 const QUOTE_BYTES: usize = 300;
 
 /// One chat message as templates see it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TemplateMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls.
+    pub tool_calls: Vec<TemplateToolCall>,
+    /// A tool message: the call it answers and the tool's name (empty = not given).
+    pub tool_call_id: String,
+    pub name: String,
+}
+
+/// A tool call in a message, as OpenAI's `tool_calls` entries (templates read
+/// `tool_call.function.name` and `tool_call.function.arguments`, an object).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TemplateToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 /// What a template renders for one request.
@@ -52,6 +66,10 @@ pub struct ChatTemplate {
     /// Whether the template renders a system message (found by rendering one): Gemma's raise
     /// on it, and llama.cpp's server then puts the system text in the first user message.
     system_role: bool,
+    /// Whether the template renders `tools` (found by rendering one), and the call syntax
+    /// its text shows.
+    renders_tools: bool,
+    tool_format: crate::tools::ToolFormat,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -83,15 +101,42 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         let source = source.replace("\r\n", "\n").replace('\r', "\n");
+        let tool_format = crate::tools::ToolFormat::detect(&source);
         env.add_template_owned(NAME, source)
             .map_err(|e| template_error("the chat template does not compile", &e))?;
         let mut template = Self {
             env: Arc::new(env),
             tokens: tokens.clone(),
             system_role: true,
+            renders_tools: false,
+            tool_format,
         };
         template.system_role = template.renders_system_messages();
+        template.renders_tools = template.probe_tools();
         Ok(template)
+    }
+
+    /// Whether `tools` reach the prompt: a template without tool support ignores them.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    pub fn tool_format(&self) -> crate::tools::ToolFormat {
+        self.tool_format
+    }
+
+    fn probe_tools(&self) -> bool {
+        const PROBE: &str = "probe_tool_7f3a";
+        let tools = format!(
+            r#"[{{"type": "function", "function": {{"name": "{PROBE}", "description": "", "parameters": {{"type": "object", "properties": {{}}}}}}}}]"#
+        );
+        let user = [TemplateMessage {
+            role: "user".into(),
+            content: "hi".into(),
+            ..Default::default()
+        }];
+        self.render_raw(&user, Some(&tools), true, &[])
+            .is_ok_and(|text| text.contains(PROBE))
     }
 
     fn renders_system_messages(&self) -> bool {
@@ -100,10 +145,12 @@ impl ChatTemplate {
             TemplateMessage {
                 role: "system".into(),
                 content: PROBE.into(),
+                ..Default::default()
             },
             TemplateMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             },
         ];
         self.render_raw(&probe, None, false, &[])
@@ -125,7 +172,7 @@ impl ChatTemplate {
                 } else {
                     m.role.clone()
                 },
-                content: m.content.clone(),
+                ..m.clone()
             })
             .collect();
         if !self.system_role && messages.first().is_some_and(|m| m.role == "system") {
@@ -160,10 +207,32 @@ impl ChatTemplate {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
-                Value::from_iter([
+                let mut fields = vec![
                     ("role", Value::from(m.role.as_str())),
                     ("content", Value::from(m.content.as_str())),
-                ])
+                ];
+                // Present only when set: templates test `message.tool_calls is defined`.
+                if !m.tool_calls.is_empty() {
+                    let calls: Vec<serde_json::Value> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| {
+                            serde_json::json!({
+                                "id": c.id,
+                                "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments},
+                            })
+                        })
+                        .collect();
+                    fields.push(("tool_calls", Value::from_serialize(&calls)));
+                }
+                if !m.tool_call_id.is_empty() {
+                    fields.push(("tool_call_id", Value::from(m.tool_call_id.as_str())));
+                }
+                if !m.name.is_empty() {
+                    fields.push(("name", Value::from(m.name.as_str())));
+                }
+                Value::from_iter(fields)
             })
             .collect();
         let tools = match tools {
@@ -352,6 +421,7 @@ mod tests {
         TemplateMessage {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 

@@ -13,6 +13,7 @@ pub mod process;
 mod queue;
 pub mod text;
 mod tokenizer;
+pub mod tools;
 
 pub use backend::init_backend;
 pub use backend::{devices, Device};

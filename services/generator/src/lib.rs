@@ -5,6 +5,7 @@
 pub mod config;
 mod openai;
 pub mod service;
+mod tools;
 mod validate;
 
 use std::future::Future;

@@ -65,6 +65,8 @@ impl GeneratorService for GeneratorGrpc {
                 constraint: checked.constraint,
                 logprobs: checked.logprobs,
                 cache_prompt: checked.cache_prompt,
+                tools: checked.tools,
+                stop_on_repetition: r.stop_on_repetition,
                 deadline,
                 span: tracing::Span::current(),
             })
@@ -87,6 +89,16 @@ impl GeneratorService for GeneratorGrpc {
                         let logprobs = logprobs.into_iter().map(token_logprob).collect();
                         yield Ok(pb::GenerateResponse {
                             event: Some(pb::generate_response::Event::Chunk(pb::TextChunk { text, token_ids: tokens, logprobs })),
+                        });
+                    }
+                    GenEvent::ToolCall(d) => {
+                        yield Ok(pb::GenerateResponse {
+                            event: Some(pb::generate_response::Event::ToolCall(pb::ToolCallDelta {
+                                index: d.index,
+                                id: d.id,
+                                name: d.name,
+                                arguments_delta: d.arguments,
+                            })),
                         });
                     }
                     GenEvent::Done(done) => {
@@ -167,6 +179,8 @@ impl GeneratorService for GeneratorGrpc {
         else {
             unreachable!("validate::chat returns a chat");
         };
+        // Rendered as Generate renders them (a choice does not change the prompt).
+        let tools = crate::tools::spec_of(&r.tools, None, false)?;
         let (engine, info) = self
             .pool
             .get(&r.model)
@@ -176,7 +190,7 @@ impl GeneratorService for GeneratorGrpc {
         let tokenizer = engine.tokenizer().clone();
         // Rendering runs the template: a blocking task, not the async runtime.
         let rendered = tokio::task::spawn_blocking(move || {
-            let prompt = renderer.render(&messages, &template)?;
+            let (prompt, _) = renderer.render_with_tools(&messages, &template, tools.as_ref())?;
             let token_ids = tokenizer.tokenize(&prompt, true, true);
             Ok::<_, EngineError>((prompt, token_ids))
         })
@@ -236,6 +250,8 @@ fn done_message(d: &GenDone, md5: &str, reference: &str) -> pb::GenerateResponse
         FinishReason::Length => pb::FinishReason::Length,
         FinishReason::StopSequence => pb::FinishReason::StopSequence,
         FinishReason::Cancelled => pb::FinishReason::Cancelled,
+        FinishReason::ToolCalls => pb::FinishReason::ToolCalls,
+        FinishReason::Repetition => pb::FinishReason::Repetition,
     };
     pb::GenerateResponse {
         event: Some(pb::generate_response::Event::Done(pb::GenerateDone {
@@ -254,6 +270,15 @@ fn done_message(d: &GenDone, md5: &str, reference: &str) -> pb::GenerateResponse
             }),
             model_md5: md5.to_string(),
             model_reference: reference.to_string(),
+            tool_calls: d
+                .tool_calls
+                .iter()
+                .map(|c| pb::ToolCall {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    arguments_json: c.arguments.clone(),
+                })
+                .collect(),
         })),
     }
 }

@@ -5,6 +5,7 @@ use llama_agent_engine::generate::{
     ChatMessage, Constraint, Prompt, Sampling, TemplateChoice, MAX_TOP_LOGPROBS,
 };
 use llama_agent_engine::text::truncate;
+use llama_agent_engine::tools::{ToolChoice, ToolSpec};
 use llama_agent_proto::generator::v1 as pb;
 
 use crate::service::GeneratorError;
@@ -27,6 +28,7 @@ pub struct Checked {
     pub constraint: Option<Constraint>,
     pub logprobs: Option<u32>,
     pub cache_prompt: bool,
+    pub tools: Option<ToolSpec>,
 }
 
 fn bad<T>(m: String) -> Result<T, GeneratorError> {
@@ -68,6 +70,19 @@ pub fn request(r: &pb::GenerateRequest) -> Result<Checked, GeneratorError> {
     if r.top_logprobs > 0 && !r.logprobs {
         return bad("top_logprobs needs logprobs".into());
     }
+    let tools = crate::tools::spec(r)?;
+    if let Some(spec) = &tools {
+        if matches!(prompt, Prompt::Text(_)) {
+            return bad(
+                "tools need chat messages: the chat template renders them into the prompt".into(),
+            );
+        }
+        if constraint.is_some() && spec.choice != ToolChoice::None {
+            return bad(
+                "tools cannot be combined with json_schema or grammar: a call's arguments are already constrained by the tool's schema".into(),
+            );
+        }
+    }
     Ok(Checked {
         prompt,
         sampling: sampling(r.sampling.unwrap_or_default())?,
@@ -75,6 +90,7 @@ pub fn request(r: &pb::GenerateRequest) -> Result<Checked, GeneratorError> {
         constraint,
         logprobs: r.logprobs.then_some(r.top_logprobs),
         cache_prompt: r.cache_prompt.unwrap_or(true),
+        tools,
     })
 }
 
@@ -102,20 +118,25 @@ pub fn chat(c: &pb::ChatMessages, builtin: &str, jinja: &str) -> Result<Prompt, 
     } else {
         TemplateChoice::Served
     };
-    Ok(Prompt::Chat {
-        messages: c
-            .messages
-            .iter()
-            .map(|m| ChatMessage {
+    let messages = c
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            crate::tools::check_tool_reply(i, m)?;
+            Ok(ChatMessage {
                 role: match m.role.as_str() {
                     "developer" => "system".into(),
                     role => role.into(),
                 },
                 content: m.content.clone(),
+                tool_calls: crate::tools::message_calls(i, m)?,
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
             })
-            .collect(),
-        template,
-    })
+        })
+        .collect::<Result<Vec<_>, GeneratorError>>()?;
+    Ok(Prompt::Chat { messages, template })
 }
 
 fn stops(stop: &[String]) -> Result<Vec<String>, GeneratorError> {

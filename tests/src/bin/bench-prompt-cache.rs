@@ -136,7 +136,8 @@ impl Side for Ours {
                     let ttft = ttft.unwrap_or_else(|| t.elapsed().as_secs_f64() * 1000.0);
                     return Ok((ttft, text, u.cached_prompt_tokens, u.prompt_tokens));
                 }
-                None => {}
+                // The benchmark's requests carry no tools.
+                Some(pb::generate_response::Event::ToolCall(_)) | None => {}
             }
         }
         bail!("the stream ended without a final message")

@@ -9,8 +9,11 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use super::request::{ChatMessage, TemplateChoice};
-use crate::chat_template::{ChatTemplate, RenderInput, TemplateMessage, TemplateTokens};
+use crate::chat_template::{
+    ChatTemplate, RenderInput, TemplateMessage, TemplateTokens, TemplateToolCall,
+};
 use crate::text::truncate;
+use crate::tools::{ToolChoice, ToolFormat, ToolSpec};
 use crate::EngineError;
 
 /// Where the chat template that requests get by default comes from.
@@ -72,31 +75,78 @@ impl ChatRenderer {
         messages: &[ChatMessage],
         choice: &TemplateChoice,
     ) -> Result<String, EngineError> {
+        self.render_with_tools(messages, choice, None)
+            .map(|(text, _)| text)
+    }
+
+    /// As `render`, with the request's tools in the template's `tools`; also the call syntax
+    /// the template shows. A template that does not render tools cannot take them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        choice: &TemplateChoice,
+        tools: Option<&ToolSpec>,
+    ) -> Result<(String, Option<ToolFormat>), EngineError> {
         let sent;
-        let jinja = match choice {
-            TemplateChoice::Builtin(name) => return self.render_builtin(messages, Some(name)),
+        let (jinja, which) = match choice {
+            TemplateChoice::Builtin(name) => {
+                if tools.is_some() {
+                    return Err(no_tools(&format!(
+                        "llama.cpp's built-in template \"{}\"",
+                        truncate(name, 64)
+                    )));
+                }
+                return Ok((self.render_builtin(messages, Some(name))?, None));
+            }
             TemplateChoice::Jinja(source) => {
                 sent = ChatTemplate::new(source, &self.tokens)?;
-                &sent
+                (&sent, "the request's chat_template_jinja")
             }
             TemplateChoice::Served => match &self.served {
-                Some(t) => t,
-                None => return self.render_builtin(messages, None),
+                Some(t) if self.source == TemplateSource::File => {
+                    (t, "the generator's --chat-template-file")
+                }
+                Some(t) => (t, "the model's own chat template"),
+                None if tools.is_some() => {
+                    return Err(no_tools(match self.source {
+                        TemplateSource::None => "this model (it has no chat template)",
+                        _ => "the model's chat template (it is rendered by llama.cpp's built-in match, not as Jinja)",
+                    }))
+                }
+                None => return Ok((self.render_builtin(messages, None)?, None)),
             },
         };
-        let messages: Vec<TemplateMessage> = messages
-            .iter()
-            .map(|m| TemplateMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
-        jinja.render(&RenderInput {
+        let format = match tools {
+            Some(_) if !jinja.renders_tools() => return Err(no_tools(which)),
+            Some(_) => Some(jinja.tool_format()),
+            None => None,
+        };
+        let mut messages: Vec<TemplateMessage> = messages.iter().map(template_message).collect();
+        if let (Some(spec), Some(ToolFormat::Generic)) = (tools, format) {
+            // The generic format's answer is JSON the template does not describe: say so,
+            // as llama.cpp's generic handler does.
+            let required = spec.choice != ToolChoice::Auto;
+            let say = ToolFormat::generic_instruction(required);
+            match messages.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{say}", m.content),
+                _ => messages.insert(
+                    0,
+                    TemplateMessage {
+                        role: "system".into(),
+                        content: say.into(),
+                        ..Default::default()
+                    },
+                ),
+            }
+        }
+        let tools_json = tools.map(ToolSpec::template_json);
+        let text = jinja.render(&RenderInput {
             messages: &messages,
-            tools: None,
+            tools: tools_json.as_deref(),
             add_generation_prompt: true,
             variables: &[],
-        })
+        })?;
+        Ok((text, format))
     }
 
     /// llama.cpp's built-in templates: by name, or the family it matches the GGUF's to.
@@ -149,5 +199,33 @@ fn template_tokens(model: &LlamaModel) -> TemplateTokens {
         eos: text(vocab.eos()),
         add_bos: vocab.should_add_bos(),
         add_eos: vocab.should_add_eos(),
+    }
+}
+
+fn no_tools(which: &str) -> EngineError {
+    EngineError::InvalidRequest(format!(
+        "{which} does not render tools: send a Jinja template that does (chat_template_jinja, \
+         or the generator's --chat-template-file), such as the model family's tool-use template"
+    ))
+}
+
+/// A message as templates see it; a call's arguments are an object there (templates print
+/// them with `tojson`).
+fn template_message(m: &ChatMessage) -> TemplateMessage {
+    TemplateMessage {
+        role: m.role.clone(),
+        content: m.content.clone(),
+        tool_calls: m
+            .tool_calls
+            .iter()
+            .map(|c| TemplateToolCall {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                arguments: serde_json::from_str(&c.arguments)
+                    .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone())),
+            })
+            .collect(),
+        tool_call_id: m.tool_call_id.clone(),
+        name: m.name.clone(),
     }
 }

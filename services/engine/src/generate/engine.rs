@@ -22,7 +22,11 @@ use super::slot::{Phase, Slot};
 use super::TokenLogprob;
 use crate::model::{self, LoadOptions, ModelMeta};
 use crate::queue::{or_report, Jobs, Queue, ReadyTx};
+use crate::tools::{ToolChoice, ToolGrammar, ToolParser};
 use crate::{init_backend, EngineError, Tokenizer};
+
+/// A request made ready for a sequence: its prompt tokens, its sampler, its tool-call parser.
+type Prepared = (Vec<LlamaToken>, Picker, Option<ToolParser>);
 
 /// Events buffered per request before the engine coalesces text for a slow reader.
 const EVENTS_PER_REQUEST: usize = 32;
@@ -314,7 +318,7 @@ impl Engine<'_> {
         let span = job.req.span.clone();
         let _entered = span.enter();
         let started = Instant::now();
-        let (prompt, picker) = match self.prepare(&job.req) {
+        let (prompt, picker, tools) = match self.prepare(&job.req) {
             Ok(p) => p,
             Err(e) => {
                 let _ = job.events.try_send(GenEvent::Failed(e));
@@ -368,9 +372,12 @@ impl Engine<'_> {
             events: job.events,
             utf8: Default::default(),
             stops: crate::text::StopMatcher::new(job.req.stop.clone()),
+            tools,
+            repetition: job.req.stop_on_repetition.then(Default::default),
             out_text: String::new(),
             out_tokens: Vec::new(),
             out_logprobs: Vec::new(),
+            out_calls: Default::default(),
             done: None,
             submitted: job.submitted,
             started,
@@ -474,11 +481,15 @@ impl Engine<'_> {
         copied
     }
 
-    /// Renders and tokenizes the prompt, checks it fits, builds the sampler chain.
-    fn prepare(&self, req: &GenRequest) -> Result<(Vec<LlamaToken>, Picker), EngineError> {
-        let text = match &req.prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat { messages, template } => self.chat.render(messages, template)?,
+    /// Renders and tokenizes the prompt, checks it fits, builds the sampler chain (and the
+    /// tool-call grammar and parser when the request has tools).
+    fn prepare(&self, req: &GenRequest) -> Result<Prepared, EngineError> {
+        let (text, format) = match &req.prompt {
+            Prompt::Text(t) => (t.clone(), None),
+            Prompt::Chat { messages, template } => {
+                self.chat
+                    .render_with_tools(messages, template, req.tools.as_ref())?
+            }
         };
         // As llama.cpp's server: BOS when the model wants one, special tokens parsed.
         let prompt = self.model.vocab().tokenize(text.as_bytes(), true, true);
@@ -496,11 +507,20 @@ impl Engine<'_> {
         if let Some(c) = &req.constraint {
             picker = picker.with_grammar(c.sampler(self.model)?);
         }
+        let mut parser = None;
+        if let (Some(spec), Some(format)) = (&req.tools, format) {
+            if let Some(g) = ToolGrammar::new(spec, format)? {
+                picker = picker.with_grammar(g.sampler(self.model)?);
+            }
+            if spec.choice != ToolChoice::None {
+                parser = Some(ToolParser::new(format));
+            }
+        }
         if let Some(top) = req.logprobs {
             picker = picker.with_logprobs(top as usize);
         }
         picker.remember(&prompt);
-        Ok((prompt, picker))
+        Ok((prompt, picker, parser))
     }
 
     /// Stops sequences whose client left or whose deadline passed, and frees slots that
@@ -654,7 +674,9 @@ impl Engine<'_> {
         let finish = if vocab.is_eog(token) {
             Some(FinishReason::Stop)
         } else {
-            let bytes = vocab.token_to_piece(token, false, None);
+            // A format's special tokens (`[TOOL_CALLS]`, `<|python_tag|>`) are its call
+            // syntax: the tool-call parser reads them.
+            let bytes = vocab.token_to_piece(token, slot.tools.is_some(), None);
             let logprob = picked.logprobs.map(|(logprob, top)| {
                 let piece = |id: i32| vocab.token_to_piece(LlamaToken(id), true, None);
                 TokenLogprob {
@@ -669,6 +691,8 @@ impl Engine<'_> {
             });
             if slot.push_token(token.0, &bytes, logprob) {
                 Some(FinishReason::StopSequence)
+            } else if slot.looping(token.0) {
+                Some(FinishReason::Repetition)
             } else if slot.generated >= slot.max_tokens || slot.n_past + 1 >= ctx_per_seq {
                 Some(FinishReason::Length)
             } else {

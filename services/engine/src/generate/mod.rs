@@ -7,6 +7,7 @@ mod engine;
 mod gauges;
 mod logprobs;
 mod prompt_cache;
+mod repetition;
 mod request;
 mod sample;
 mod slot;

@@ -2,10 +2,15 @@
 
 use std::time::Instant;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's calls (arguments: a JSON object as text).
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+    /// A tool message: the call it answers and the tool's name (empty = not given).
+    pub tool_call_id: String,
+    pub name: String,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +80,10 @@ pub struct GenRequest {
     pub logprobs: Option<u32>,
     /// Reuse cached KV cells of the prompt's prefix (the prompt cache).
     pub cache_prompt: bool,
+    /// Functions the model may call (chat prompts only).
+    pub tools: Option<crate::tools::ToolSpec>,
+    /// End a generation that loops on the same tokens (FinishReason::Repetition).
+    pub stop_on_repetition: bool,
     /// Past this instant the sequence stops (gRPC deadline).
     pub deadline: Option<Instant>,
     /// The request's span, entered on the engine thread while it works for this request.
@@ -88,6 +97,10 @@ pub enum FinishReason {
     Length,
     StopSequence,
     Cancelled,
+    /// The answer is tool calls (`GenDone::tool_calls`).
+    ToolCalls,
+    /// The same tokens kept repeating (`stop_on_repetition`).
+    Repetition,
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +114,8 @@ pub struct GenDone {
     pub ttft_ms: f64,
     pub prompt_ms: f64,
     pub decode_ms: f64,
+    /// The answer's tool calls, whole.
+    pub tool_calls: Vec<crate::tools::ToolCall>,
 }
 
 impl GenDone {
@@ -122,6 +137,8 @@ pub enum GenEvent {
         /// One per token when the request asked for log-probabilities, else empty.
         logprobs: Vec<super::TokenLogprob>,
     },
+    /// Part of a tool call, as it forms.
+    ToolCall(crate::tools::ToolCallDelta),
     Done(GenDone),
     Failed(crate::EngineError),
 }

@@ -25,6 +25,8 @@ pub struct ChatBody {
     tools: Vec<Value>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -34,7 +36,43 @@ struct Message {
     #[serde(default)]
     content: Option<Content>,
     #[serde(default)]
-    tool_calls: Vec<Value>,
+    tool_calls: Vec<CallIn>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// A call in an assistant message: OpenAI's arguments are JSON text.
+#[derive(Deserialize)]
+struct CallIn {
+    #[serde(default)]
+    id: String,
+    function: FunctionIn,
+}
+
+#[derive(Deserialize)]
+struct FunctionIn {
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+/// A `tools` entry: `{"type": "function", "function": {...}}`.
+#[derive(Deserialize)]
+struct ToolIn {
+    #[serde(rename = "type")]
+    kind: String,
+    function: Option<FunctionDef>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDef {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    parameters: Option<Value>,
 }
 
 /// A message's content: text, or a list of parts of which only text parts are read.
@@ -75,32 +113,90 @@ fn messages(given: Vec<Message>) -> Result<pb::ChatMessages, ApiError> {
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            if !m.tool_calls.is_empty() {
-                return Err(ApiError::invalid(format!(
-                    "message {i} carries tool_calls: tool calling is not supported yet"
-                )));
-            }
             Ok(pb::ChatMessage {
                 role: m.role,
                 content: content(i, m.content)?,
+                tool_calls: m
+                    .tool_calls
+                    .into_iter()
+                    .map(|c| pb::ToolCall {
+                        id: c.id,
+                        name: c.function.name,
+                        arguments_json: c.function.arguments,
+                    })
+                    .collect(),
+                tool_call_id: m.tool_call_id.unwrap_or_default(),
+                name: m.name.unwrap_or_default(),
             })
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, ApiError>>()?;
     Ok(pb::ChatMessages { messages })
+}
+
+fn tools(given: Vec<Value>) -> Result<Vec<pb::Tool>, ApiError> {
+    given
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let t: ToolIn = serde_json::from_value(v).map_err(|e| {
+                ApiError::invalid(format!("tools[{i}] is not a function tool: {e}"))
+            })?;
+            match (t.kind.as_str(), t.function) {
+                ("function", Some(f)) => Ok(pb::Tool {
+                    name: f.name,
+                    description: f.description,
+                    parameters_json: f.parameters.map(|p| p.to_string()).unwrap_or_default(),
+                }),
+                (kind, _) => Err(ApiError::invalid(format!(
+                    "tools[{i}] has type \"{}\": only \"function\" tools (with a function) are supported",
+                    truncate(kind, 32)
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// `"auto"`, `"none"`, `"required"` or `{"type": "function", "function": {"name": ..}}`.
+fn tool_choice(v: Option<Value>) -> Result<Option<pb::ToolChoice>, ApiError> {
+    use pb::tool_choice::Mode;
+    let choice = |mode: Mode, function: &str| {
+        Some(pb::ToolChoice {
+            mode: mode as i32,
+            function: function.into(),
+        })
+    };
+    Ok(match &v {
+        None => None,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => choice(Mode::Auto, ""),
+            "none" => choice(Mode::None, ""),
+            "required" => choice(Mode::Required, ""),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "tool_choice \"{}\" is not auto, none, required or a function",
+                    truncate(other, 32)
+                )))
+            }
+        },
+        Some(Value::Object(o)) => match o.get("function").and_then(|f| f.get("name")) {
+            Some(Value::String(name)) => choice(Mode::Function, name),
+            _ => return Err(ApiError::invalid(
+                "tool_choice object needs {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            )),
+        },
+        Some(_) => return Err(ApiError::invalid("tool_choice is a string or an object")),
+    })
 }
 
 pub async fn completions(
     State(h): State<Http>,
     ApiJson(body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
-    let tools_off = matches!(&body.tool_choice, Some(Value::String(s)) if s == "none");
-    if !body.tools.is_empty() && !tools_off {
-        return Err(ApiError::invalid(
-            "tools are not supported yet: send no tools, or tool_choice \"none\"",
-        ));
-    }
     let mut req = body.params.request()?;
     req.input = Some(pb::generate_request::Input::Chat(messages(body.messages)?));
+    req.tools = tools(body.tools)?;
+    req.tool_choice = tool_choice(body.tool_choice)?;
+    req.parallel_tool_calls = body.parallel_tool_calls;
     req.logprobs = body.logprobs;
     req.top_logprobs = body.top_logprobs.unwrap_or(0);
     let mut reply = Reply::new(Kind::Chat, body.params.model.clone());

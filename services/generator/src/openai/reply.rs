@@ -139,6 +139,10 @@ fn chat_logprobs(lps: &[pb::TokenLogprob]) -> Value {
 fn finish_reason(d: &pb::GenerateDone) -> &'static str {
     match d.finish_reason() {
         pb::FinishReason::Length => "length",
+        pb::FinishReason::ToolCalls => "tool_calls",
+        // OpenAI has no word for a loop that was stopped: the answer ended early, as with a
+        // stop sequence.
+        pb::FinishReason::Repetition => "stop",
         // CANCELLED comes only from a passed deadline or a dropped client, and HTTP requests
         // carry no deadline: nobody reads this one.
         pb::FinishReason::Stop
@@ -188,8 +192,21 @@ async fn whole(mut events: Events, mut r: Reply) -> Result<Value, ApiError> {
                 text.push_str(&c.text);
                 logprobs.extend(c.logprobs);
             }
+            // The final message carries the calls whole.
+            Some(GenEvent::ToolCall(_)) => {}
             Some(GenEvent::Done(d)) => {
-                let choice = r.choice(false, text, &logprobs, Some(finish_reason(&d)));
+                let mut choice = r.choice(false, text, &logprobs, Some(finish_reason(&d)));
+                if !d.tool_calls.is_empty() && r.kind == Kind::Chat {
+                    let calls: Vec<Value> = d
+                        .tool_calls
+                        .iter()
+                        .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}))
+                        .collect();
+                    if choice["message"]["content"] == "" {
+                        choice["message"]["content"] = Value::Null;
+                    }
+                    choice["message"]["tool_calls"] = json!(calls);
+                }
                 let mut body = r.envelope(false, json!([choice]));
                 body["usage"] = usage(&d);
                 return Ok(body);
@@ -219,6 +236,17 @@ fn sse(mut events: Events, mut r: Reply) -> impl Stream<Item = Result<Event, Inf
                 Ok(Some(GenEvent::Chunk(c))) => {
                     let choice = r.choice(true, c.text, &c.logprobs, None);
                     yield data(&r.envelope(true, json!([choice])));
+                }
+                Ok(Some(GenEvent::ToolCall(t))) => {
+                    // OpenAI's shape: the first delta of a call has its id, type and name.
+                    let mut call = json!({"index": t.index, "function": {"arguments": t.arguments_delta}});
+                    if !t.id.is_empty() {
+                        call["id"] = json!(t.id);
+                        call["type"] = json!("function");
+                        call["function"]["name"] = json!(t.name);
+                    }
+                    let choice = json!([{"index": 0, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}]);
+                    yield data(&r.envelope(true, choice));
                 }
                 Ok(Some(GenEvent::Done(d))) => {
                     let choice = r.choice(true, String::new(), &[], Some(finish_reason(&d)));
