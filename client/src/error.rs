@@ -34,3 +34,46 @@ impl From<tonic::Status> for ClientError {
         ClientError::Status(s)
     }
 }
+
+/// Why a session, a tool server or the agent loop failed (a tool that fails is not an error:
+/// the model reads its message).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("session file {path}: {source}")]
+    SessionIo {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("session file {path} is not a session: {source}")]
+    SessionParse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "session file {path} has format {found}; this version reads format {}",
+        crate::session::SESSION_FORMAT
+    )]
+    SessionFormat { path: String, found: u32 },
+    #[error("MCP server {server}: {reason}")]
+    McpCommand {
+        server: String,
+        reason: &'static str,
+    },
+    #[error("MCP server {server} could not be started: {source}")]
+    McpSpawn {
+        server: String,
+        source: std::io::Error,
+    },
+    #[error("MCP server {server}: {message}")]
+    McpServer { server: String, message: String },
+    #[error(
+        "tool `{name}` is offered by two MCP servers, {first} and {second}; connect one of them"
+    )]
+    ToolNameClash {
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error("generation failed: {0}")]
+    Generate(#[from] ClientError),
+}

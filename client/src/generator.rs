@@ -24,6 +24,8 @@ pub struct Generated {
     pub token_ids: Vec<i32>,
     /// One per token id when the request asked for `logprobs`.
     pub logprobs: Vec<pb::TokenLogprob>,
+    /// The tool calls the model made, assembled from their deltas (finish `TOOL_CALLS`).
+    pub tool_calls: Vec<pb::ToolCall>,
     pub done: pb::GenerateDone,
 }
 
@@ -76,6 +78,9 @@ impl GeneratorClient {
                     out.text.push_str(&c.text);
                     out.token_ids.extend_from_slice(&c.token_ids);
                     out.logprobs.extend(c.logprobs);
+                }
+                Some(pb::generate_response::Event::ToolCall(d)) => {
+                    add_tool_call_delta(&mut out.tool_calls, d)
                 }
                 Some(pb::generate_response::Event::Done(d)) => {
                     out.done = d;
@@ -143,6 +148,25 @@ impl GeneratorClient {
     }
 }
 
+/// Adds a streamed piece of a tool call to `calls`: the first delta of a call (its index is
+/// the next one) opens it with its id and name, later ones extend its arguments. A delta for
+/// an index past the next is a generator bug; it opens the next call rather than leave gaps.
+pub fn add_tool_call_delta(calls: &mut Vec<pb::ToolCall>, d: pb::ToolCallDelta) {
+    let i = d.index as usize;
+    if i >= calls.len() {
+        calls.push(pb::ToolCall::default());
+    }
+    let i = i.min(calls.len() - 1);
+    let call = &mut calls[i];
+    if !d.id.is_empty() {
+        call.id = d.id;
+    }
+    if !d.name.is_empty() {
+        call.name = d.name;
+    }
+    call.arguments_json.push_str(&d.arguments_delta);
+}
+
 /// What makes a generator warm for `req`: its model, and its conversation's opening (the
 /// first messages, or the first bytes of a raw prompt) whose prompt cache it may still hold.
 fn generate_warmth(req: &pb::GenerateRequest) -> Warmth {
@@ -176,11 +200,38 @@ mod tests {
                     .map(|(r, c)| pb::ChatMessage {
                         role: r.to_string(),
                         content: c.to_string(),
+                        ..Default::default()
                     })
                     .collect(),
             })),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tool_call_deltas_assemble_into_whole_calls() {
+        let d = |index: u32, id: &str, name: &str, args: &str| pb::ToolCallDelta {
+            index,
+            id: id.into(),
+            name: name.into(),
+            arguments_delta: args.into(),
+        };
+        let mut calls = Vec::new();
+        for delta in [
+            d(0, "call_a", "get_time", ""),
+            d(0, "", "", "{\"timezone\": "),
+            d(1, "call_b", "list_tables", "{}"),
+            d(0, "", "", "\"UTC\"}"),
+        ] {
+            add_tool_call_delta(&mut calls, delta);
+        }
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].name.as_str()),
+            ("call_a", "get_time")
+        );
+        assert_eq!(calls[0].arguments_json, "{\"timezone\": \"UTC\"}");
+        assert_eq!(calls[1].arguments_json, "{}");
     }
 
     #[test]

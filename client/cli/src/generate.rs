@@ -106,11 +106,13 @@ impl GenerateArgs {
                 messages.push(pb::ChatMessage {
                     role: "system".into(),
                     content: s.clone(),
+                    ..Default::default()
                 });
             }
             messages.push(pb::ChatMessage {
                 role: "user".into(),
                 content: self.prompt.clone(),
+                ..Default::default()
             });
             pb::generate_request::Input::Chat(pb::ChatMessages { messages })
         } else {
@@ -136,6 +138,7 @@ impl GenerateArgs {
             top_logprobs: self.logprobs.unwrap_or(0),
             chat_template_jinja: template_file,
             cache_prompt: self.no_prompt_cache.then_some(false),
+            ..Default::default()
         })
     }
 }
@@ -197,7 +200,8 @@ pub async fn run(
                 }
                 return Ok(());
             }
-            None => {}
+            // `generate` sends no tools, so no calls come.
+            Some(pb::generate_response::Event::ToolCall(_)) | None => {}
         }
     }
     anyhow::bail!("the generator closed the stream without a final message")
@@ -226,6 +230,7 @@ async fn print_prompt(client: &GeneratorClient, req: pb::GenerateRequest) -> any
             chat: Some(chat),
             chat_template: req.chat_template,
             chat_template_jinja: req.chat_template_jinja,
+            tools: req.tools,
         })
         .await?;
     print!("{}", r.prompt);

@@ -1,7 +1,9 @@
 //! `llama-cli`: llama-agent from the command line. Every command talks gRPC through the client
 //! crate, to a remote service (`--*-endpoint`) or to the same service run in this process.
 
+mod agent;
 mod cache;
+mod chat;
 mod embed;
 mod generate;
 mod inspect;
@@ -18,7 +20,7 @@ use tracing::Instrument;
 #[command(
     name = "llama-cli",
     version,
-    about = "Local LLM inference on GGUF models: pull, cache, generate, embed"
+    about = "Local LLM inference on GGUF models: pull, cache, generate, embed, agents with MCP tools"
 )]
 struct Cli {
     /// Loader service (`host:port`, or replicas: `a:50051,b:50051`). Without it the loader
@@ -68,6 +70,10 @@ enum Command {
     Tokenize(inspect::TokenizeArgs),
     /// Score documents from a .txt/.jsonl file against a query with a reranker, best first.
     Rerank(Box<rerank::RerankArgs>),
+    /// One task with MCP tools: the model calls them until it answers (stdout, or JSON lines).
+    Agent(Box<agent::AgentCmd>),
+    /// An interactive chat in the terminal, with MCP tools and a resumable session file.
+    Chat(Box<chat::ChatCmd>),
 }
 
 fn main() {
@@ -107,6 +113,8 @@ impl Command {
             Command::Info(_) => "info",
             Command::Tokenize(_) => "tokenize",
             Command::Rerank(_) => "rerank",
+            Command::Agent(_) => "agent",
+            Command::Chat(_) => "chat",
         }
     }
 }
@@ -159,6 +167,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rerank(args) => {
             rerank::run(*args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
+        }
+        Command::Agent(args) => {
+            agent::run(*args, async || {
+                loader_client(&cli.loader_endpoint, &cli.loader).await
+            })
+            .await
+        }
+        Command::Chat(args) => {
+            chat::run(*args, async || {
                 loader_client(&cli.loader_endpoint, &cli.loader).await
             })
             .await
