@@ -28,24 +28,40 @@ impl Terminal {
         // bash waits for the chat and, when the chat survives a Ctrl-C, goes on; the pane then
         // shows how it exited and stays readable.
         let wrapped = format!("{command}; echo \"[exited $?]\"; read -r _");
-        let status = Command::new(TMUX)
-            .arg("-S")
-            .arg(&socket)
-            .args([
-                "-f",
-                "/dev/null",
-                "new-session",
-                "-d",
-                "-x",
-                "160",
-                "-y",
-                "50",
-            ])
-            .args(["bash", "--norc", "--noprofile", "-c", &wrapped])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        Self { socket }
+        // tmux 3.3a here now and then loses the server it just forked ("server exited
+        // unexpectedly", 2 starts in 10 under load) before the session exists; starting it
+        // again on a fresh socket works. Three tries, then the last error.
+        let mut error = String::new();
+        for _ in 0..3 {
+            let _ = std::fs::remove_file(&socket);
+            let out = Command::new(TMUX)
+                .arg("-S")
+                .arg(&socket)
+                .args([
+                    "-f",
+                    "/dev/null",
+                    "new-session",
+                    "-d",
+                    "-x",
+                    "160",
+                    "-y",
+                    "50",
+                ])
+                .args(["bash", "--norc", "--noprofile", "-c", &wrapped])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return Self { socket };
+            }
+            error = String::from_utf8_lossy(&out.stderr).into_owned();
+            // Whatever is left of that server goes before the next try.
+            let _ = Command::new(TMUX)
+                .arg("-S")
+                .arg(&socket)
+                .arg("kill-server")
+                .output();
+        }
+        panic!("tmux new-session failed three times: {error}");
     }
 
     fn tmux(&self, args: &[&str]) -> String {
