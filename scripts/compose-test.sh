@@ -30,7 +30,8 @@ cd "$ROOT"
 
 if ! docker_info="$(docker info 2>&1)"; then
     echo "SKIP  compose test: no Docker engine here (docker info failed); the stack was NOT tested:"
-    sed -n 1,5p <<<"$docker_info" | sed 's/^/      /'
+    { grep -iE 'error|cannot|denied' <<<"$docker_info" || tail -n 3 <<<"$docker_info"; } \
+        | head -n 3 | sed 's/^/      /'
     exit 0
 fi
 

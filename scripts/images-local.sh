@@ -112,9 +112,15 @@ prewarmed() {
         --build-arg "HF_ENDPOINT=${HF_ENDPOINT:-https://huggingface.co}"
 }
 
+# Older builds that a rebuild untagged, and the pre-warm stage, are of no further use: removed,
+# so that repeated runs (CI) do not fill the disk. Only images of Dockerfile.dist carry the label.
+prune() {
+    docker image prune -f --filter label=io.llama-agent.images-local=1 >/dev/null
+}
+
 case "${1:-all}" in
     base) base_image ;;
-    all) base_image && service_images ;;
-    prewarmed) shift && base_image && service_images && prewarmed "$@" ;;
+    all) base_image && service_images && prune ;;
+    prewarmed) shift && base_image && service_images && prewarmed "$@" && prune ;;
     *) echo "usage: $0 [all|base|prewarmed MODEL...]" >&2; exit 2 ;;
 esac
