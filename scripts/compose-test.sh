@@ -100,6 +100,9 @@ finish() {
     exit "$rc"
 }
 trap finish EXIT
+# Interrupted or terminated: exit through finish too.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # step NAME FUNCTION: runs it with its output in $WORK/step.log (printed if it fails: errexit
 # ends the script there and finish reports it); one line either way.
