@@ -131,15 +131,13 @@ async fn main() -> anyhow::Result<()> {
             mb(med)
         );
     }
-    let (cp, cp_sync, stream) = (
-        median(&mut cp_s),
-        median(&mut cp_sync_s),
-        median(&mut stream_s),
-    );
+    let stream = median(&mut stream_s).as_secs_f64();
+    let ratio = |v: &mut Vec<Duration>| median(v).as_secs_f64() / stream;
     println!(
-        "throughput ratio node cache / cp: {:.2}x (target >= 0.8x); / cp + sync: {:.2}x",
-        cp.as_secs_f64() / stream.as_secs_f64(),
-        cp_sync.as_secs_f64() / stream.as_secs_f64()
+        "throughput ratio node cache / cp: {:.2}x (target >= 0.8x); / cp + sync: {:.2}x; / cp + md5sum + sync: {:.2}x",
+        ratio(&mut cp_s),
+        ratio(&mut cp_sync_s),
+        ratio(&mut verified_s)
     );
     Ok(())
 }
