@@ -7,6 +7,12 @@ use std::time::Duration;
 
 use crate::error::LoaderError;
 
+/// More connections than this is no longer "a few per file" but a load on the hub.
+const MAX_CONNECTIONS: u32 = 64;
+/// Each piece costs a request round trip: smaller ones would spend more time asking than
+/// receiving.
+const MIN_PART_SIZE: u64 = 64 << 10;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct LoaderConfig {
     /// Model cache directory (default ~/.cache/llama-loader).
@@ -28,6 +34,16 @@ pub struct LoaderConfig {
     /// Attempts per file before a download fails (each resumes where the last stopped).
     #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_ATTEMPTS", default_value_t = 8)]
     pub download_attempts: u32,
+
+    /// Connections per file: a large file is fetched as pieces over this many ranged requests
+    /// at once (1 = one stream, as a plain HTTP download).
+    #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_CONNECTIONS", default_value_t = 8)]
+    pub download_connections: u32,
+
+    /// Bytes per ranged request when a file is fetched over several connections; files under
+    /// two pieces use one connection (suffixes as --cache-max-size).
+    #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub download_part_size: u64,
 
     /// Seconds without a byte before a transfer is dropped and resumed.
     #[arg(long, env = "LLAMA_LOADER_STALL_TIMEOUT", default_value_t = 30)]
@@ -64,6 +80,8 @@ impl LoaderConfig {
             hf_endpoint: hf_endpoint.into(),
             hf_token: None,
             download_attempts: 8,
+            download_connections: 8,
+            download_part_size: 16 << 20,
             stall_timeout_secs: 30,
             local_import: true,
         }
@@ -93,6 +111,18 @@ impl LoaderConfig {
         }
         if self.download_attempts == 0 {
             return bad("--download-attempts must be at least 1".into());
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.download_connections) {
+            return bad(format!(
+                "--download-connections must be between 1 and {MAX_CONNECTIONS}, not {}",
+                self.download_connections
+            ));
+        }
+        if self.download_part_size < MIN_PART_SIZE {
+            return bad(format!(
+                "--download-part-size must be at least {MIN_PART_SIZE} bytes (64KiB), not {}",
+                self.download_part_size
+            ));
         }
         if self.stall_timeout_secs == 0 {
             return bad("--stall-timeout-secs must be at least 1".into());
