@@ -19,7 +19,7 @@ use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpe
         Repeating --repo with the same id adds files to it.\n\n\
         Fault flags apply from the first request, to --fault-file or else to every file. \
         At run time: POST /_mirror/faults {\"file\": NAME?, \"drop_after\": N?, \"corrupt\": BOOL?, \
-        \"bytes_per_sec\": N?, \"fail_status\": CODE?, \"times\": K?}, DELETE /_mirror/faults; \
+        \"bytes_per_sec\": N?, \"ignore_range\": BOOL?, \"fail_status\": CODE?, \"times\": K?}, DELETE /_mirror/faults; \
         counters: GET /_mirror/stats (DELETE resets). The control paths need no token."
 )]
 struct Args {
@@ -44,6 +44,9 @@ struct Args {
     /// Throttle faulted response bodies to about N bytes per second.
     #[arg(long, value_name = "N")]
     bytes_per_sec: Option<u64>,
+    /// Answer faulted ranged GETs with 200 and the whole file (no Range support).
+    #[arg(long)]
+    ignore_range: bool,
     /// Answer faulted resolve GETs with this HTTP status instead.
     #[arg(long, value_name = "CODE")]
     fail_status: Option<u16>,
@@ -82,6 +85,7 @@ async fn main() -> Result<()> {
         drop_after: args.drop_after,
         corrupt: args.corrupt,
         bytes_per_sec: args.bytes_per_sec,
+        ignore_range: args.ignore_range,
         fail_status: args.fail_status,
         times: args.fault_times,
     };

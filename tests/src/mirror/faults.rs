@@ -18,6 +18,9 @@ pub struct Fault {
     pub corrupt: bool,
     /// Pace the body to about this rate.
     pub bytes_per_sec: Option<u64>,
+    /// Answer a ranged GET with 200 and the whole file, as a server without Range support does
+    /// (and as an If-Range miss on a changed file looks to the client).
+    pub ignore_range: bool,
     /// Answer this status (with an empty JSON error) instead of the file.
     pub fail_status: Option<u16>,
     /// How many resolve GETs the fault applies to before it lifts itself; 0 = until replaced.
@@ -46,6 +49,13 @@ impl Fault {
         }
     }
 
+    pub fn ignore_range() -> Self {
+        Self {
+            ignore_range: true,
+            ..Self::default()
+        }
+    }
+
     pub fn status(status: u16) -> Self {
         Self {
             fail_status: Some(status),
@@ -62,6 +72,7 @@ impl Fault {
         self.drop_after.is_none()
             && !self.corrupt
             && self.bytes_per_sec.is_none()
+            && !self.ignore_range
             && self.fail_status.is_none()
     }
 }
