@@ -177,4 +177,29 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5 parsecs").is_err());
     }
+
+    #[test]
+    fn download_connections_and_part_size_are_bounded() {
+        let dir = std::env::temp_dir();
+        let with = |connections: u32, part: u64| {
+            let mut c = LoaderConfig::new(dir.clone(), "http://127.0.0.1:1");
+            c.download_connections = connections;
+            c.download_part_size = part;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(with(1, 64 << 10).is_ok());
+        assert!(with(64, 16 << 20).is_ok());
+        for (n, part) in [(0, 16 << 20), (65, 16 << 20)] {
+            let e = with(n, part).unwrap_err();
+            assert!(
+                e.contains("--download-connections must be between 1 and 64"),
+                "{e}"
+            );
+        }
+        let e = with(8, 1000).unwrap_err();
+        assert!(
+            e.contains("--download-part-size must be at least 65536"),
+            "{e}"
+        );
+    }
 }
