@@ -309,6 +309,35 @@ async fn pieces_run_in_parallel_and_resume_each_on_its_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_pieces_are_given_up_on_and_resumed_alone() {
+    let mirror = gemma_mirror().await;
+    let dir = tempfile::tempdir().unwrap();
+    let l = loader_with(&mirror, &dir, |c| {
+        c.download_part_size = PIECE;
+        c.stall_timeout_secs = 1;
+    })
+    .await;
+    let size = std::fs::metadata(model(GEMMA_FILE)).unwrap().len();
+    // Two responses go silent 500 kB in, their connections held open.
+    mirror.set_faults(
+        FaultScope::file(GEMMA_FILE),
+        Fault::stall_after(500_000).times(2),
+    );
+    let (done, _) = ensure(&l.client, ensure_req(GEMMA_REPO)).await.unwrap();
+    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
+    let stats = mirror.file_stats(GEMMA_FILE);
+    assert_eq!(stats.body_bytes, size, "{stats:?}");
+    assert_eq!(stats.range_gets, size.div_ceil(PIECE) + 2);
+    let resumed: Vec<&String> = stats
+        .ranges
+        .iter()
+        .filter(|r| parse_range(r, size).0 % PIECE == 500_000)
+        .collect();
+    assert_eq!(resumed.len(), 2, "{:?}", stats.ranges);
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_pieces_are_never_published_and_range_refusals_fall_back_to_one_stream() {
     let mirror = gemma_mirror().await;
     let dir = tempfile::tempdir().unwrap();

@@ -18,7 +18,7 @@ use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpe
         /acme/tiny/resolve/main/tiny-Q4_K_M.gguf and .../tiny-Q8_0.gguf. \
         Repeating --repo with the same id adds files to it.\n\n\
         Fault flags apply from the first request, to --fault-file or else to every file. \
-        At run time: POST /_mirror/faults {\"file\": NAME?, \"drop_after\": N?, \"corrupt\": BOOL?, \
+        At run time: POST /_mirror/faults {\"file\": NAME?, \"drop_after\": N?, \"stall_after\": N?, \"corrupt\": BOOL?, \
         \"bytes_per_sec\": N?, \"ignore_range\": BOOL?, \"fail_status\": CODE?, \"times\": K?}, DELETE /_mirror/faults; \
         counters: GET /_mirror/stats (DELETE resets). The control paths need no token."
 )]
@@ -38,6 +38,9 @@ struct Args {
     /// Close the connection after N body bytes of each faulted response.
     #[arg(long, value_name = "N")]
     drop_after: Option<u64>,
+    /// Send N body bytes of each faulted response, then hold the connection open silently.
+    #[arg(long, value_name = "N")]
+    stall_after: Option<u64>,
     /// Flip bits in faulted responses (same length, wrong SHA-256).
     #[arg(long)]
     corrupt: bool,
@@ -83,6 +86,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let fault = Fault {
         drop_after: args.drop_after,
+        stall_after: args.stall_after,
         corrupt: args.corrupt,
         bytes_per_sec: args.bytes_per_sec,
         ignore_range: args.ignore_range,

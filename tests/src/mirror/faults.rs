@@ -13,6 +13,9 @@ pub struct Fault {
     /// Close the connection after this many body bytes of the response (the headers promised
     /// the full length, so the client sees a truncated body and resumes with `Range`).
     pub drop_after: Option<u64>,
+    /// Send this many body bytes, then nothing more while holding the connection open: a
+    /// stalled transfer, which the client must give up on by itself.
+    pub stall_after: Option<u64>,
     /// Invert the first byte of every 1 MiB block of the body (block 0 starts at the response's
     /// first byte): same length, different SHA-256.
     pub corrupt: bool,
@@ -31,6 +34,13 @@ impl Fault {
     pub fn drop_after(bytes: u64) -> Self {
         Self {
             drop_after: Some(bytes),
+            ..Self::default()
+        }
+    }
+
+    pub fn stall_after(bytes: u64) -> Self {
+        Self {
+            stall_after: Some(bytes),
             ..Self::default()
         }
     }
@@ -70,6 +80,7 @@ impl Fault {
 
     fn is_noop(&self) -> bool {
         self.drop_after.is_none()
+            && self.stall_after.is_none()
             && !self.corrupt
             && self.bytes_per_sec.is_none()
             && !self.ignore_range
