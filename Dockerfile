@@ -156,6 +156,31 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/llama-health", "--endpoint", "http://127.0.0.1:50051"]
 ENTRYPOINT ["/usr/local/bin/llama-loader"]
 
+# Pre-warmed loader (docs/deploy.md, "Pre-warming the model cache"): the models are downloaded
+# at build time into /models, so a pod, or a fresh named volume mounted on /models (Docker copies
+# the image's files into an empty one), starts with them on disk. llama-cli's in-process loader
+# writes the cache layout llama-loader reads. --network host (or --add-host) reaches a mirror on
+# the build host:
+#
+#   docker build --target loader-prewarmed \
+#     --build-arg PREWARM_MODELS="unsloth/gemma-3-270m-it-GGUF:Q4_K_M" \
+#     -t llama-agent/loader:0.1.0-prewarmed .
+FROM runtime-0 AS prewarm
+ARG PREWARM_MODELS=""
+ARG HF_ENDPOINT=https://huggingface.co
+COPY --from=build-inference /out/llama-agent /opt/llama-agent
+ENV LLAMA_CACHE_DIR=/models
+USER 10001:10001
+RUN if [ -z "${PREWARM_MODELS}" ]; then \
+        echo "set --build-arg PREWARM_MODELS='owner/repo[:QUANT] ...'" >&2; exit 1; \
+    fi \
+ && for model in ${PREWARM_MODELS}; do \
+        HF_ENDPOINT="${HF_ENDPOINT}" /opt/llama-agent/bin/llama-cli pull "$model" || exit 1; \
+    done
+
+FROM loader AS loader-prewarmed
+COPY --from=prewarm --chown=10001:10001 /models /models
+
 # Generator and embedder: SERVING only once their preloads (LLAMA_*_PRELOAD) are loaded, which
 # may include a download: a long start period. (DL3006: runtime-${CUDA} is a stage above.)
 # hadolint ignore=DL3006

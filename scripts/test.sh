@@ -11,6 +11,8 @@ cargo fmt --all --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 # Contracts (buf lint/breaking), Dockerfile, compose, kustomize manifests, live /metrics.
 scripts/validate-deploy.sh
+# The Compose stack for real: images without a registry, health, calls, scale, pre-warm (skips, saying so, without a Docker engine).
+scripts/compose-test.sh
 
 export LLAMA_AGENT_MODELS_DIR="${LLAMA_AGENT_MODELS_DIR:-$ROOT/models}"
 export GRPCURL="${GRPCURL:-$ROOT/.venv/bin/grpcurl}"

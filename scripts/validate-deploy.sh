@@ -4,10 +4,12 @@
 # checks still run, and the script exits 1 at the end.
 #
 #   buf lint / buf breaking      proto/ (against the branch main, else HEAD)
-#   kubectl kustomize            deploy/k8s, validated by kubernetes-validate --strict
+#   kubectl kustomize            deploy/k8s and every deploy/overlays/*/ (rwo, rwo-hostpath),
+#                                each validated by kubernetes-validate --strict
 #   check-jsonschema             docker-compose*.yml against the compose specification
 #   hadolint                     every Dockerfile
-#   deploy invariants            scripts/deploy-invariants.py (single writer, read-only mounts...)
+#   deploy invariants            scripts/deploy-invariants.py on the base and every overlay
+#                                (single writer, read-only mounts, node-local model caches...)
 #   promtool check metrics       a live scrape of dist/llama-agent/bin/llama-{loader,generator,embedder}
 #                                (skipped only for a binary that is not built)
 #   deploy/k8s/examples          parse, and query only metrics the live generator exports
@@ -86,19 +88,34 @@ check "buf breaking proto against $BREAKING_AGAINST" buf_breaking
 
 # (Functions run by `check` sit in an if-condition, where errexit is off: each step says
 # `|| return 1` itself.)
+# k8s_validate DIR OUT: renders the kustomization DIR into OUT and validates it.
 k8s_validate() {
-    kubectl kustomize deploy/k8s >"$WORK/k8s.yaml" || { rm -f "$WORK/k8s.yaml"; return 1; }
+    local dir="$1" out="$2"
+    kubectl kustomize "$dir" >"$out" || { rm -f "$out"; return 1; }
     local v args=()
     for v in $K8S_VERSIONS; do
         args+=(-k "$v")
     done
-    kubernetes-validate --strict --quiet "${args[@]}" "$WORK/k8s.yaml" >"$WORK/kv.out" 2>&1
+    kubernetes-validate --strict --quiet "${args[@]}" "$out" >"$WORK/kv.out" 2>&1
     local rc=$?
     cat "$WORK/kv.out"
     # An unknown kind or apiVersion is only a WARN (exit 0) to kubernetes-validate: fail on it.
     ((rc == 0)) && ! grep -q . "$WORK/kv.out"
 }
-check "kubectl kustomize deploy/k8s | kubernetes-validate --strict (k8s ${K8S_VERSIONS// /, })" k8s_validate
+check "kubectl kustomize deploy/k8s | kubernetes-validate --strict (k8s ${K8S_VERSIONS// /, })" \
+    k8s_validate deploy/k8s "$WORK/k8s.yaml"
+
+# The overlays in the repository (deploy/overlays/NAME/, beside the base: kustomize refuses an
+# overlay inside its base), each rendered to k8s-NAME.yaml for the invariants.
+mapfile -t OVERLAYS < <(git ls-files --cached --others --exclude-standard -- 'deploy/overlays/*/kustomization.yaml' \
+    | xargs -r -n1 dirname | sort -u)
+RENDERED=()
+for dir in "${OVERLAYS[@]}"; do
+    out="$WORK/k8s-$(basename "$dir").yaml"
+    check "kubectl kustomize $dir | kubernetes-validate --strict (k8s ${K8S_VERSIONS// /, })" \
+        k8s_validate "$dir" "$out"
+    RENDERED+=("$out")
+done
 
 # ---------------------------------------------------------------------------------------------
 # Compose, Dockerfiles, cross-file invariants
@@ -118,12 +135,20 @@ else
 fi
 
 invariants() {
-    "$BIN/python" scripts/deploy-invariants.py --k8s "$WORK/k8s.yaml" --compose docker-compose.yml
+    local args=() f
+    for f in "$WORK/k8s.yaml" "${RENDERED[@]}"; do
+        args+=(--k8s "$f")
+    done
+    "$BIN/python" scripts/deploy-invariants.py "${args[@]}" --compose docker-compose.yml
 }
-if [[ -s "$WORK/k8s.yaml" ]]; then
-    check "deploy invariants (scripts/deploy-invariants.py)" invariants
+unrendered=()
+for f in "$WORK/k8s.yaml" "${RENDERED[@]}"; do
+    [[ -s "$f" ]] || unrendered+=("$(basename "$f" .yaml)")
+done
+if ((${#unrendered[@]} == 0)); then
+    check "deploy invariants (scripts/deploy-invariants.py: deploy/k8s${OVERLAYS[*]:+ ${OVERLAYS[*]}})" invariants
 else
-    echo "FAIL  deploy invariants: no rendered deploy/k8s (see the kustomize check)"
+    echo "FAIL  deploy invariants: not rendered: ${unrendered[*]} (see the kustomize checks)"
     failed=1
 fi
 

@@ -34,7 +34,7 @@ pub struct Ensured {
 impl LoaderClient {
     crate::call::constructors!();
 
-    // Model files are big but messages are small; the default message limits suffice.
+    // Messages are small (ReadModelFile sends 1 MiB blocks): the default 4 MiB limits suffice.
     fn over(replicas: Arc<ReplicaSet>) -> Self {
         Self {
             replicas,
@@ -243,5 +243,30 @@ impl LoaderClient {
         )
         .await?;
         Ok(())
+    }
+
+    /// ReadModelFile: the bytes of one file of a cached model from `offset`, then a last
+    /// message with the whole file's MD5. Opening is retried (reading is idempotent); a stream
+    /// that breaks midway is resumed by the caller from the bytes it has.
+    pub async fn read_model_file(
+        &self,
+        model: &str,
+        file: &str,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<pb::ReadModelFileResponse, ClientError>>, ClientError>
+    {
+        let req = pb::ReadModelFileRequest {
+            model: model.to_string(),
+            file: file.to_string(),
+            offset,
+        };
+        let (stream, guard) = self
+            .retry
+            .spread(&self.replicas, &Warmth::model(model), |t| {
+                let req = req.clone();
+                async move { LoaderServiceClient::new(t).read_model_file(req).await }
+            })
+            .await?;
+        Ok(watched(stream.into_inner(), guard).map(|r| r.map_err(ClientError::from)))
     }
 }

@@ -60,7 +60,27 @@ pub fn model_md5(file: &str) -> String {
 /// stream took over 20 s that way, against 4 s alone).
 /// Benchmarks call [`leave_openmp_alone`]: they run alone, beside peers started as they are.
 pub fn workspace_command(name: &str) -> Command {
-    let mut c = Command::new(workspace_bin(name));
+    with_openmp_policy(Command::new(workspace_bin(name)))
+}
+
+/// A workspace binary that cannot see `hidden` (an empty tmpfs covers it in a mount namespace
+/// of its own): a service on "another node" that shares no volume with the loader. Root only
+/// (CI and this machine run as root); the process is the service itself (`exec`).
+pub fn workspace_command_hiding(name: &str, hidden: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--",
+        "sh",
+        "-c",
+        r#"mount -t tmpfs tmpfs "$0" && exec "$@""#,
+    ])
+    .arg(hidden)
+    .arg(workspace_bin(name));
+    with_openmp_policy(c)
+}
+
+fn with_openmp_policy(mut c: Command) -> Command {
     let as_is = OPENMP_AS_IS.load(std::sync::atomic::Ordering::Relaxed);
     if !as_is && std::env::var_os("OMP_WAIT_POLICY").is_none() {
         c.env("OMP_WAIT_POLICY", "passive");
@@ -438,7 +458,26 @@ impl ServiceProcess {
 
     /// With extra environment variables (tokens, OTLP endpoints).
     pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut child = workspace_command(bin)
+        Self::spawn_command(workspace_command(bin), bin, args, env)
+    }
+
+    /// A service that cannot see `hidden` (see [`workspace_command_hiding`]).
+    pub fn spawn_hiding(
+        bin: &str,
+        hidden: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_command(workspace_command_hiding(bin, hidden), bin, args, env)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
             // LLAMA_TEST_RUST_LOG (with LLAMA_TEST_ECHO_LOGS) looks inside a failing test.

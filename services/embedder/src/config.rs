@@ -13,6 +13,10 @@ pub struct EmbedderConfig {
     #[command(flatten)]
     pub device: llama_agent_models::device::DeviceConfig,
 
+    /// The node-local model cache, for clusters where the loader's volume is not shared.
+    #[command(flatten)]
+    pub node_cache: llama_agent_models::node_cache::NodeCacheConfig,
+
     /// Models kept loaded; the least recently used is unloaded (and its lease released) first.
     #[arg(long, env = "LLAMA_EMBEDDER_MAX_MODELS", default_value_t = 1)]
     pub max_models: usize,
@@ -65,6 +69,7 @@ impl Default for EmbedderConfig {
         Self {
             threads: None,
             device: Default::default(),
+            node_cache: Default::default(),
             max_models: 1,
             max_batch_tokens: None,
             flash_attention: true,

@@ -28,7 +28,10 @@ use llama_agent_proto::embedder::v1::embedder_service_server::{
 
 const SERVICES: &[&str] = &[SERVICE_NAME];
 
-fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<EmbeddingEngine>> {
+fn pool(
+    config: &EmbedderConfig,
+    loader: LoaderClient,
+) -> Result<Arc<ModelPool<EmbeddingEngine>>, String> {
     let opts = EmbeddingOptions {
         load: config.device.load_options(config.threads()),
         max_batch_tokens: config.max_batch_tokens,
@@ -39,12 +42,15 @@ fn pool(config: &EmbedderConfig, loader: LoaderClient) -> Arc<ModelPool<Embeddin
         pad_batches: config.pad_batches,
     };
     let holder = llama_agent_models::lease_holder("llama-embedder");
-    ModelPool::new(
+    let node_cache =
+        llama_agent_models::node_cache::NodeCache::open(&config.node_cache, loader.clone())?;
+    Ok(ModelPool::new(
         loader,
         holder,
         config.max_models,
+        node_cache,
         Arc::new(move |path| EmbeddingEngine::load(path, opts.clone())),
-    )
+    ))
 }
 
 /// The router (health, reflection, EmbedderService), its warm-up (preloads), and the pool
@@ -55,7 +61,7 @@ async fn build(
     plumbing: &Plumbing,
 ) -> Result<(Ready, Arc<ModelPool<EmbeddingEngine>>), ServeError> {
     config.validate().map_err(ServeError::Config)?;
-    let pool = pool(config, loader);
+    let pool = pool(config, loader).map_err(ServeError::Config)?;
     let svc = EmbedderServiceServer::new(service::EmbedderGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)
         .max_encoding_message_size(plumbing.max_message_size);

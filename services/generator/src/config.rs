@@ -11,6 +11,10 @@ pub struct GeneratorConfig {
     #[command(flatten)]
     pub device: llama_agent_models::device::DeviceConfig,
 
+    /// The node-local model cache, for clusters where the loader's volume is not shared.
+    #[command(flatten)]
+    pub node_cache: llama_agent_models::node_cache::NodeCacheConfig,
+
     /// Models kept loaded; the least recently used is unloaded (and its lease released) first.
     #[arg(long, env = "LLAMA_GENERATOR_MAX_MODELS", default_value_t = 1)]
     pub max_models: usize,
@@ -45,6 +49,7 @@ impl Default for GeneratorConfig {
         Self {
             threads: None,
             device: Default::default(),
+            node_cache: Default::default(),
             max_models: 1,
             parallel: 4,
             ctx_size: 4096,

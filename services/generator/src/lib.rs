@@ -28,7 +28,7 @@ fn pool(
     config: &GeneratorConfig,
     loader: LoaderClient,
     chat_template: Option<String>,
-) -> Arc<ModelPool<GenerationEngine>> {
+) -> Result<Arc<ModelPool<GenerationEngine>>, String> {
     let opts = GenerateOptions {
         load: config.device.load_options(config.threads()),
         ctx_per_seq: config.ctx_size,
@@ -38,12 +38,15 @@ fn pool(
         chat_template,
     };
     let holder = llama_agent_models::lease_holder("llama-generator");
-    ModelPool::new(
+    let node_cache =
+        llama_agent_models::node_cache::NodeCache::open(&config.node_cache, loader.clone())?;
+    Ok(ModelPool::new(
         loader,
         holder,
         config.max_models,
+        node_cache,
         Arc::new(move |path| GenerationEngine::load(path, opts.clone())),
-    )
+    ))
 }
 
 /// The router (health, reflection, GeneratorService), its warm-up (preloads), and the pool
@@ -55,7 +58,7 @@ async fn build(
 ) -> Result<(Ready, Arc<ModelPool<GenerationEngine>>), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let chat_template = config.chat_template().map_err(ServeError::Config)?;
-    let pool = pool(config, loader, chat_template);
+    let pool = pool(config, loader, chat_template).map_err(ServeError::Config)?;
     llama_agent_engine::generate::register_serving_gauges();
     let svc = GeneratorServiceServer::new(service::GeneratorGrpc::new(Arc::clone(&pool)))
         .max_decoding_message_size(plumbing.max_message_size)

@@ -23,6 +23,9 @@ pub enum LoaderError {
     #[error("'{0}' is not in the cache")]
     NotCached(String),
 
+    #[error("{0}")]
+    OutOfRange(String),
+
     #[error("lease '{0}' not found (expired or released)")]
     LeaseNotFound(String),
 

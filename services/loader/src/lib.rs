@@ -6,6 +6,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fetch;
+mod file_stream;
 pub mod hub;
 pub mod loader;
 mod metrics;

@@ -38,3 +38,11 @@ pub static EVICTED_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+pub static STREAMED_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "llama_agent_loader_streamed_bytes_total",
+        "Bytes of cached files sent to services that read them over gRPC (ReadModelFile)."
+    )
+    .expect("metric registers once")
+});

@@ -40,6 +40,7 @@ impl From<&LoaderError> for Status {
                 std::io::ErrorKind::PermissionDenied => Status::permission_denied(msg),
                 _ => Status::internal(msg),
             },
+            LoaderError::OutOfRange(_) => Status::out_of_range(msg),
             LoaderError::Leased { .. } => Status::failed_precondition(msg),
             LoaderError::CacheFull(_) => Status::resource_exhausted(msg),
             LoaderError::Hub(_) | LoaderError::Download { .. } | LoaderError::ShuttingDown => {
@@ -121,10 +122,12 @@ fn progress_pb(p: &ProgressEvent) -> pb::Progress {
 }
 
 type EnsureStream = Pin<Box<dyn Stream<Item = Result<pb::EnsureModelResponse, Status>> + Send>>;
+type FileStream = Pin<Box<dyn Stream<Item = Result<pb::ReadModelFileResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl LoaderService for LoaderGrpc {
     type EnsureModelStream = EnsureStream;
+    type ReadModelFileStream = FileStream;
 
     #[tracing::instrument(skip_all, fields(model = %req.get_ref().model))]
     async fn ensure_model(
@@ -156,6 +159,18 @@ impl LoaderService for LoaderGrpc {
             }),
             Err(e) => Err(Status::from(e.as_ref())),
         });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model, offset = req.get_ref().offset))]
+    async fn read_model_file(
+        &self,
+        req: Request<pb::ReadModelFileRequest>,
+    ) -> Result<Response<Self::ReadModelFileStream>, Status> {
+        let r = req.into_inner();
+        let blocks = crate::file_stream::read(&self.loader, &r.model, &r.file, r.offset)?;
+        let out = tokio_stream::wrappers::ReceiverStream::new(blocks)
+            .map(|b| b.map_err(|e| Status::from(&e)));
         Ok(Response::new(Box::pin(out)))
     }
 

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod info;
+pub mod node_cache;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +16,7 @@ use llama_agent_client::proto::common::v1::ModelInfo;
 use llama_agent_client::proto::loader::v1::EnsureModelRequest;
 use llama_agent_client::{ClientError, LoaderClient};
 use llama_agent_engine::EngineError;
+use node_cache::{NodeCache, NodeCacheError, Pin};
 
 static LOAD_SECONDS: std::sync::LazyLock<prometheus::Histogram> = std::sync::LazyLock::new(|| {
     prometheus::register_histogram!(
@@ -43,6 +45,8 @@ pub enum PoolError {
     Loader(#[from] ClientError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    NodeCache(#[from] NodeCacheError),
 }
 
 impl PoolError {
@@ -51,6 +55,7 @@ impl PoolError {
         match self {
             PoolError::Loader(e) => e.code(),
             PoolError::Engine(e) => engine_code(e),
+            PoolError::NodeCache(e) => e.code(),
         }
     }
 }
@@ -101,6 +106,8 @@ struct Loaded<E> {
     engine: Arc<E>,
     info: ModelInfo,
     lease_id: String,
+    /// Keeps a node-cache copy from eviction while the engine has its files open.
+    _pin: Option<Pin>,
     /// Use number of the last use: exact LRU order (two uses never tie, unlike clock reads).
     last_use: u64,
 }
@@ -115,6 +122,25 @@ struct State<E> {
 }
 
 impl<E> State<E> {
+    /// Takes the least recently used models (never `keep`) out until `limit` remain.
+    fn unload_over(&mut self, limit: usize, keep: &str) -> Vec<(String, Loaded<E>)> {
+        let mut out = Vec::new();
+        while self.loaded.len() > limit {
+            let oldest = self
+                .loaded
+                .iter()
+                .filter(|(k, _)| *k != keep)
+                .min_by_key(|(_, l)| l.last_use)
+                .map(|(k, _)| k.clone());
+            let Some(oldest) = oldest else { break };
+            if let Some(l) = self.loaded.remove(&oldest) {
+                self.aliases.retain(|_, k| *k != oldest);
+                out.push((oldest, l));
+            }
+        }
+        out
+    }
+
     /// Marks `key` as used now; its engine and info when it is loaded.
     fn use_loaded(&mut self, key: &str) -> Option<(Arc<E>, ModelInfo)> {
         self.uses += 1;
@@ -129,6 +155,8 @@ pub struct ModelPool<E> {
     holder: String,
     max_models: usize,
     load: Arc<LoadFn<E>>,
+    /// Copies of models this process cannot see at the loader's paths (`--model-cache-dir`).
+    node_cache: Option<Arc<NodeCache>>,
     state: Mutex<State<E>>,
     /// One load at a time per reference; different models load concurrently.
     loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -139,6 +167,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
         loader: LoaderClient,
         holder: impl Into<String>,
         max_models: usize,
+        node_cache: Option<Arc<NodeCache>>,
         load: Arc<LoadFn<E>>,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
@@ -146,6 +175,7 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
             holder: holder.into(),
             max_models: max_models.max(1),
             load,
+            node_cache,
             state: Mutex::new(State {
                 aliases: HashMap::new(),
                 loaded: HashMap::new(),
@@ -217,8 +247,23 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
             return Ok(hit);
         }
 
+        let (path, pin) = match &self.node_cache {
+            None => (std::path::PathBuf::from(&info.local_path), None),
+            Some(cache) => {
+                // The new copy may need the room of the model this pool would unload after
+                // loading: unload it first, so its copy can be evicted.
+                let out = self.lock().unload_over(self.max_models - 1, &key);
+                self.unloaded(out).await;
+                match cache.materialize(&info).await {
+                    Ok(local) => (local.path, local.pin),
+                    Err(e) => {
+                        self.release(lease_id).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
         let load = Arc::clone(&self.load);
-        let path = std::path::PathBuf::from(&info.local_path);
         let started = Instant::now();
         let engine = tokio::task::spawn_blocking(move || load(&path))
             .await
@@ -242,31 +287,14 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
                     engine: Arc::clone(&engine),
                     info: info.clone(),
                     lease_id,
+                    _pin: pin,
                     last_use: 0,
                 },
             );
             st.use_loaded(&key);
-            let mut evicted = Vec::new();
-            while st.loaded.len() > self.max_models {
-                let oldest = st
-                    .loaded
-                    .iter()
-                    .filter(|(k, _)| **k != key)
-                    .min_by_key(|(_, l)| l.last_use)
-                    .map(|(k, _)| k.clone());
-                let Some(oldest) = oldest else { break };
-                if let Some(l) = st.loaded.remove(&oldest) {
-                    st.aliases.retain(|_, k| *k != oldest);
-                    evicted.push((oldest, l.lease_id));
-                }
-            }
-            evicted
+            st.unload_over(self.max_models, &key)
         };
-        for (k, lease) in evicted {
-            tracing::info!(model = %k, "model unloaded (least recently used)");
-            LOADED.dec();
-            self.release(lease).await;
-        }
+        self.unloaded(evicted).await;
         Ok((engine, info))
     }
 
@@ -305,6 +333,16 @@ impl<E: Send + Sync + 'static> ModelPool<E> {
         let mut v: Vec<&Loaded<E>> = st.loaded.values().collect();
         v.sort_by_key(|l| std::cmp::Reverse(l.last_use));
         v.into_iter().map(|l| l.info.clone()).collect()
+    }
+
+    /// Models taken out of the pool: their leases released (requests still running keep their
+    /// engine until they end).
+    async fn unloaded(&self, models: Vec<(String, Loaded<E>)>) {
+        for (key, l) in models {
+            tracing::info!(model = %key, "model unloaded (least recently used)");
+            LOADED.dec();
+            self.release(l.lease_id).await;
+        }
     }
 
     async fn release(&self, lease_id: String) {
