@@ -524,9 +524,15 @@ pub struct MirrorProcess {
 
 impl MirrorProcess {
     pub fn spawn(repo: &str, file: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(repo, file, &[])
+    }
+
+    /// With more `hub-mirror` flags (faults: `--bytes-per-sec N` throttles every response).
+    pub fn spawn_with(repo: &str, file: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let mut child = workspace_command("hub-mirror")
             .arg("--repo")
             .arg(format!("{repo}={}", file.display()))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;

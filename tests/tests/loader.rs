@@ -24,8 +24,16 @@ async fn gemma_mirror() -> Mirror {
 }
 
 async fn loader(mirror: &Mirror, dir: &tempfile::TempDir, max: u64) -> InProcessLoader {
+    loader_with(mirror, dir, |c| c.cache_max_size = max).await
+}
+
+async fn loader_with(
+    mirror: &Mirror,
+    dir: &tempfile::TempDir,
+    set: impl FnOnce(&mut LoaderConfig),
+) -> InProcessLoader {
     let mut config = LoaderConfig::new(dir.path().to_path_buf(), mirror.base_url());
-    config.cache_max_size = max;
+    set(&mut config);
     InProcessLoader::start(config).await.expect("loader")
 }
 
@@ -150,9 +158,11 @@ async fn eight_concurrent_pulls_make_one_download() {
     for t in tasks {
         results.push(t.await.unwrap().unwrap());
     }
+    // One download: each 16 MiB piece asked for once, every byte sent once.
     let stats = mirror.file_stats(GEMMA_FILE);
-    assert_eq!(stats.gets(), 1, "{stats:?}");
-    assert_eq!(stats.body_bytes, results[0].0.model.size_bytes);
+    let size = results[0].0.model.size_bytes;
+    assert_eq!(stats.gets(), size.div_ceil(16 << 20), "{stats:?}");
+    assert_eq!(stats.body_bytes, size);
     for (done, progress) in &results {
         assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
         assert_eq!(done.model.local_path, results[0].0.model.local_path);
@@ -170,7 +180,8 @@ async fn eight_concurrent_pulls_make_one_download() {
 async fn dropped_connections_resume_and_corrupt_transfers_are_refetched() {
     let mirror = gemma_mirror().await;
     let dir = tempfile::tempdir().unwrap();
-    let l = loader(&mirror, &dir, 50_000_000_000).await;
+    // One connection: the plain stream, resumed from where it broke.
+    let l = loader_with(&mirror, &dir, |c| c.download_connections = 1).await;
 
     // Cut twice mid-file: the fetcher resumes with Range and the result is identical.
     mirror.set_faults(
@@ -185,6 +196,7 @@ async fn dropped_connections_resume_and_corrupt_transfers_are_refetched() {
         ["bytes=40000000-", "bytes=80000000-"],
         "{stats:?}"
     );
+    assert_eq!(stats.peak_in_flight, 1);
     assert!(progress.iter().any(|p| p.resumed_from == 0));
 
     // Corrupt bytes fail the hub's SHA-256 and are fetched again, never published.
@@ -206,6 +218,215 @@ async fn dropped_connections_resume_and_corrupt_transfers_are_refetched() {
     );
     assert_eq!(code(l.client.get_model(&q8_ref).await), Code::NotFound);
     assert!(!std::path::Path::new(&q8.model.local_path).exists());
+    l.stop().await;
+}
+
+/// Pieces of this size make the 253 MB model 61 ranged requests over 8 connections.
+const PIECE: u64 = 4 << 20;
+
+/// `bytes=A-B` or `bytes=A-` → (A, B + 1 or `size`).
+fn parse_range(r: &str, size: u64) -> (u64, u64) {
+    let (a, b) = r.strip_prefix("bytes=").unwrap().split_once('-').unwrap();
+    let end = if b.is_empty() {
+        size
+    } else {
+        b.parse::<u64>().unwrap() + 1
+    };
+    (a.parse().unwrap(), end)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_run_in_parallel_and_resume_each_on_its_own() {
+    let mirror = gemma_mirror().await;
+    let dir = tempfile::tempdir().unwrap();
+    let l = loader_with(&mirror, &dir, |c| c.download_part_size = PIECE).await;
+    let size = std::fs::metadata(model(GEMMA_FILE)).unwrap().len();
+    let pieces = size.div_ceil(PIECE);
+
+    // Paced so that every connection is mid-piece at once: 8 bodies in flight, every one a
+    // bounded range except the last piece, each piece asked for once, the bytes identical.
+    mirror.set_faults(FaultScope::file(GEMMA_FILE), Fault::throttle(40_000_000));
+    let (done, progress) = ensure(&l.client, ensure_req(GEMMA_REPO)).await.unwrap();
+    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
+    let stats = mirror.file_stats(GEMMA_FILE);
+    assert_eq!(stats.peak_in_flight, 8, "{:?}", stats.peak_in_flight);
+    assert_eq!((stats.full_gets, stats.range_gets), (0, pieces));
+    assert_eq!(stats.body_bytes, size);
+    let mut spans: Vec<(u64, u64)> = stats.ranges.iter().map(|r| parse_range(r, size)).collect();
+    spans.sort();
+    assert!(spans
+        .iter()
+        .enumerate()
+        .all(|(i, &(a, _))| a == i as u64 * PIECE));
+    let last = format!("bytes={}-", (pieces - 1) * PIECE);
+    assert!(
+        stats
+            .ranges
+            .iter()
+            .all(|r| (*r == last) == r.ends_with('-')),
+        "{:?}",
+        stats.ranges
+    );
+    let downloading: Vec<u64> = progress
+        .iter()
+        .filter(|p| p.stage == pb::Stage::Downloading as i32)
+        .map(|p| p.bytes_done)
+        .collect();
+    assert!(
+        downloading.windows(2).all(|w| w[0] <= w[1]),
+        "progress is the sum of the pieces"
+    );
+    assert_eq!(downloading.last(), Some(&size));
+
+    // Three pieces cut 1 MB in, three answered 503: each resumes or retries alone, mid-piece
+    // where it broke, and not one byte is fetched twice.
+    l.client.evict_model(GEMMA_REPO, false).await.unwrap();
+    mirror.reset_stats();
+    mirror.set_faults(
+        FaultScope::file(GEMMA_FILE),
+        Fault::drop_after(1_000_000).times(3),
+    );
+    let (done, _) = ensure(&l.client, ensure_req(GEMMA_REPO)).await.unwrap();
+    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
+    let stats = mirror.file_stats(GEMMA_FILE);
+    assert_eq!(stats.body_bytes, size, "{stats:?}");
+    assert_eq!(stats.range_gets, pieces + 3);
+    let mid_piece = stats
+        .ranges
+        .iter()
+        .filter(|r| parse_range(r, size).0 % PIECE == 1_000_000)
+        .count();
+    assert_eq!(mid_piece, 3, "{:?}", stats.ranges);
+
+    l.client.evict_model(GEMMA_REPO, false).await.unwrap();
+    mirror.reset_stats();
+    mirror.set_faults(FaultScope::file(GEMMA_FILE), Fault::status(503).times(3));
+    let (done, _) = ensure(&l.client, ensure_req(GEMMA_REPO)).await.unwrap();
+    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
+    let stats = mirror.file_stats(GEMMA_FILE);
+    assert_eq!((stats.range_gets, stats.body_bytes), (pieces + 3, size));
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_pieces_are_given_up_on_and_resumed_alone() {
+    let mirror = gemma_mirror().await;
+    let dir = tempfile::tempdir().unwrap();
+    let l = loader_with(&mirror, &dir, |c| {
+        c.download_part_size = PIECE;
+        c.stall_timeout_secs = 1;
+    })
+    .await;
+    let size = std::fs::metadata(model(GEMMA_FILE)).unwrap().len();
+    // Two responses go silent 500 kB in, their connections held open.
+    mirror.set_faults(
+        FaultScope::file(GEMMA_FILE),
+        Fault::stall_after(500_000).times(2),
+    );
+    let (done, _) = ensure(&l.client, ensure_req(GEMMA_REPO)).await.unwrap();
+    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
+    let stats = mirror.file_stats(GEMMA_FILE);
+    assert_eq!(stats.body_bytes, size, "{stats:?}");
+    assert_eq!(stats.range_gets, size.div_ceil(PIECE) + 2);
+    let resumed: Vec<&String> = stats
+        .ranges
+        .iter()
+        .filter(|r| parse_range(r, size).0 % PIECE == 500_000)
+        .collect();
+    assert_eq!(resumed.len(), 2, "{:?}", stats.ranges);
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_pieces_are_never_published_and_range_refusals_fall_back_to_one_stream() {
+    let mirror = gemma_mirror().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB pieces: the 300 KB Q8 file is five of them.
+    let l = loader_with(&mirror, &dir, |c| c.download_part_size = 64 << 10).await;
+    let q8_ref = format!("{GEMMA_REPO}:Q8_0");
+    let q8_bytes = fake_gguf(300_000, 8);
+
+    // One corrupt piece fails the SHA-256 of the whole; the file is fetched again.
+    mirror.set_faults(FaultScope::file(Q8_FILE), Fault::corrupt().times(1));
+    let (q8, _) = ensure(&l.client, ensure_req(&q8_ref)).await.unwrap();
+    assert_eq!(q8.model.md5, hex_md5(&q8_bytes));
+    let stats = mirror.file_stats(Q8_FILE);
+    assert_eq!(
+        (stats.range_gets, stats.body_bytes),
+        (10, 600_000),
+        "{stats:?}"
+    );
+
+    // Corrupt every time: DATA_LOSS, nothing published, no partial file left.
+    l.client.evict_model(&q8_ref, false).await.unwrap();
+    mirror.set_faults(FaultScope::file(Q8_FILE), Fault::corrupt());
+    assert_eq!(
+        code(ensure(&l.client, ensure_req(&q8_ref)).await),
+        Code::DataLoss
+    );
+    assert_eq!(code(l.client.get_model(&q8_ref).await), Code::NotFound);
+    assert!(!std::path::Path::new(&q8.model.local_path).exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+
+    // A server that answers ranged requests with the whole file: one stream from zero.
+    mirror.reset_stats();
+    mirror.set_faults(FaultScope::file(Q8_FILE), Fault::ignore_range());
+    let (q8, _) = ensure(&l.client, ensure_req(&q8_ref)).await.unwrap();
+    assert_eq!(std::fs::read(&q8.model.local_path).unwrap(), q8_bytes);
+    let stats = mirror.file_stats(Q8_FILE);
+    assert_eq!(stats.full_gets, 1, "{stats:?}");
+    assert!((1..=5).contains(&stats.range_gets), "{stats:?}");
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_changed_since_the_partial_download_starts_again() {
+    let mirror = gemma_mirror().await;
+    let dir = tempfile::tempdir().unwrap();
+    let l = loader_with(&mirror, &dir, |c| {
+        c.download_part_size = 64 << 10;
+        c.download_attempts = 1;
+    })
+    .await;
+    let q8_ref = format!("{GEMMA_REPO}/{Q8_FILE}");
+
+    // Every piece is cut short: the download fails with part of each piece on disk.
+    mirror.set_faults(FaultScope::file(Q8_FILE), Fault::drop_after(10_000));
+    assert_eq!(
+        code(ensure(&l.client, ensure_req(&q8_ref)).await),
+        Code::Unavailable
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        2,
+        "part + sidecar"
+    );
+
+    // The repo is replaced with other bytes of the same length: a new commit and SHA-256, so
+    // nothing of the old partial file is kept.
+    let new_bytes = fake_gguf(300_000, 99);
+    mirror
+        .add_repo(
+            RepoSpec::new(GEMMA_REPO)
+                .file(GEMMA_FILE, model(GEMMA_FILE))
+                .bytes(Q8_FILE, new_bytes.clone()),
+        )
+        .await
+        .unwrap();
+    mirror.clear_faults();
+    mirror.reset_stats();
+    let (q8, progress) = ensure(&l.client, ensure_req(&q8_ref)).await.unwrap();
+    assert_eq!(std::fs::read(&q8.model.local_path).unwrap(), new_bytes);
+    assert!(progress.iter().all(|p| p.resumed_from == 0));
+    let stats = mirror.file_stats(Q8_FILE);
+    assert_eq!(stats.body_bytes, 300_000, "{stats:?}");
+    assert!(stats
+        .ranges
+        .iter()
+        .all(|r| parse_range(r, 300_000).0.is_multiple_of(64 << 10)));
     l.stop().await;
 }
 

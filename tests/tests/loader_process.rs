@@ -34,69 +34,168 @@ fn parts_in(cache: &Path) -> Vec<(std::path::PathBuf, u64)> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_download_then_restart_resumes_to_identical_bytes() {
-    let mirror = mirror().await;
-    // ~8 s for the whole file: the kill lands well inside it.
-    mirror.set_faults(FaultScope::file(GEMMA_FILE), Fault::throttle(30_000_000));
-    let cache = tempfile::tempdir().unwrap();
+/// What the partial file's sidecar says is on disk (fsynced): `[start, end)` ranges.
+fn recorded(part: &Path) -> Vec<(u64, u64)> {
+    let mut meta = part.as_os_str().to_owned();
+    meta.push(".json");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+    serde_json::from_value(meta["written"].clone()).unwrap()
+}
 
-    let first = LoaderProcess::spawn(cache.path(), mirror.base_url(), &[]).unwrap();
-    let client = first.client();
-    let req = pb::EnsureModelRequest {
-        model: REPO.into(),
-        ..Default::default()
+/// `bytes=A-B` or `bytes=A-` → (A, B + 1 or `size`).
+fn parse_range(r: &str, size: u64) -> (u64, u64) {
+    let (a, b) = r.strip_prefix("bytes=").unwrap().split_once('-').unwrap();
+    let end = if b.is_empty() {
+        size
+    } else {
+        b.parse::<u64>().unwrap() + 1
     };
-    let mut stream = Box::pin(client.ensure_stream(req.clone()).await.unwrap());
+    (a.parse().unwrap(), end)
+}
+
+/// Starts a pull on a fresh `llama-loader` and kills it -9 once `kill_at` bytes are in; the
+/// ranges its partial file's sidecar records.
+async fn pull_and_kill(
+    mirror: &Mirror,
+    cache: &Path,
+    flags: &[&str],
+    kill_at: u64,
+) -> Vec<(u64, u64)> {
+    let first = LoaderProcess::spawn(cache, mirror.base_url(), flags).unwrap();
+    let client = first.client();
+    let mut stream = Box::pin(client.ensure_stream(ensure_req()).await.unwrap());
     while let Some(ev) = stream.next().await {
         if let Some(Event::Progress(p)) = ev.unwrap().event {
-            if p.bytes_done >= 60_000_000 {
+            if p.bytes_done >= kill_at {
                 break;
             }
         }
     }
     first.kill9();
     drop(stream);
-
-    let parts = parts_in(cache.path());
+    let parts = parts_in(cache);
     assert_eq!(parts.len(), 1, "{parts:?}");
-    let kept = parts[0].1;
-    // Bytes still queued for the writer die with the process; what reached the file stays.
-    assert!(kept >= 40_000_000, "partial file holds {kept} bytes");
     assert!(
-        !cache.path().join("models/hf").join(REPO).exists(),
+        !cache.join("models/hf").join(REPO).exists(),
         "nothing published"
     );
+    recorded(&parts[0].0)
+}
 
+fn ensure_req() -> pb::EnsureModelRequest {
+    pb::EnsureModelRequest {
+        model: REPO.into(),
+        ..Default::default()
+    }
+}
+
+/// Resumes on a second process without faults: what it resumed from, and the result.
+async fn resume(
+    mirror: &Mirror,
+    cache: &Path,
+    flags: &[&str],
+) -> (
+    LoaderProcess,
+    Option<u64>,
+    llama_agent_client::loader::Ensured,
+) {
     mirror.clear_faults();
     mirror.reset_stats();
-    let second = LoaderProcess::spawn(cache.path(), mirror.base_url(), &[]).unwrap();
-    let client = second.client();
+    let second = LoaderProcess::spawn(cache, mirror.base_url(), flags).unwrap();
     let mut resumed_from = None;
-    let done = client
-        .ensure(req.clone(), |p| {
+    let done = second
+        .client()
+        .ensure(ensure_req(), |p| {
             if p.resumed_from > 0 {
                 resumed_from = Some(p.resumed_from);
             }
         })
         .await
         .unwrap();
+    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
+    assert!(parts_in(cache).is_empty());
+    (second, resumed_from, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_download_then_restart_resumes_to_identical_bytes() {
+    let mirror = mirror().await;
+    // ~8 s for the whole file on one connection: the kill lands well inside it.
+    mirror.set_faults(FaultScope::file(GEMMA_FILE), Fault::throttle(30_000_000));
+    let cache = tempfile::tempdir().unwrap();
+    let one = ["--download-connections", "1"];
+    let kept = pull_and_kill(&mirror, cache.path(), &one, 60_000_000).await;
+    // One stream: a prefix, recorded after fsync (at most a second behind the kill).
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let (start, kept) = kept[0];
+    assert_eq!(start, 0);
+    assert!(kept > 0);
+
+    let (second, resumed_from, done) = resume(&mirror, cache.path(), &one).await;
     // The new process asked only for what was missing, and the result is byte-identical.
     assert_eq!(resumed_from, Some(kept));
     let stats = mirror.file_stats(GEMMA_FILE);
     assert_eq!(stats.ranges, [format!("bytes={kept}-")]);
     assert_eq!(stats.body_bytes, done.model.size_bytes - kept);
-    assert_eq!(done.model.md5, model_md5(GEMMA_FILE));
-    assert!(parts_in(cache.path()).is_empty());
 
     // The manifest survives kill -9 too: a third process serves it from the cache.
     second.kill9();
     mirror.reset_stats();
     let third = LoaderProcess::spawn(cache.path(), mirror.base_url(), &[]).unwrap();
-    let again = third.client().ensure(req, |_| {}).await.unwrap();
+    let again = third.client().ensure(ensure_req(), |_| {}).await.unwrap();
     assert!(again.cache_hit);
     assert_eq!(again.model.md5, done.model.md5);
     assert_eq!(mirror.stats().listings, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_parallel_download_resumes_every_piece() {
+    let mirror = mirror().await;
+    // 8 connections of 4 MB/s each: ~8 s for the file, each 4 MiB piece about a second.
+    mirror.set_faults(FaultScope::file(GEMMA_FILE), Fault::throttle(4_000_000));
+    let cache = tempfile::tempdir().unwrap();
+    let piece: u64 = 4 << 20;
+    let flags = ["--download-part-size", "4MiB"];
+    let kept = pull_and_kill(&mirror, cache.path(), &flags, 60_000_000).await;
+    assert_eq!(mirror.file_stats(GEMMA_FILE).peak_in_flight, 8);
+    // Pieces in flight at the last checkpoint left holes: more than a prefix is on disk.
+    assert!(kept.len() >= 2, "{kept:?}");
+    let kept_bytes: u64 = kept.iter().map(|(a, b)| b - a).sum();
+
+    let (_second, resumed_from, done) = resume(&mirror, cache.path(), &flags).await;
+    let size = done.model.size_bytes;
+    assert_eq!(resumed_from, Some(kept_bytes));
+    // Only the holes were asked for, each byte once, and pieces cut mid-way resumed mid-way.
+    let stats = mirror.file_stats(GEMMA_FILE);
+    assert_eq!(stats.full_gets, 0);
+    assert_eq!(stats.body_bytes, size - kept_bytes, "{stats:?}");
+    let asked: u64 = stats
+        .ranges
+        .iter()
+        .map(|r| parse_range(r, size))
+        .map(|(a, b)| b - a)
+        .sum();
+    assert_eq!(asked, size - kept_bytes);
+    // Every hole was asked for from where it starts, pieces cut mid-way included.
+    let starts: Vec<u64> = stats
+        .ranges
+        .iter()
+        .map(|r| parse_range(r, size).0)
+        .collect();
+    let mut at = 0;
+    let mut mid_piece = 0;
+    for &(a, b) in kept.iter().chain([(size, size)].iter()) {
+        if a > at {
+            assert!(
+                starts.contains(&at),
+                "hole at {at} not asked: {:?}",
+                stats.ranges
+            );
+            mid_piece += usize::from(at % piece != 0);
+        }
+        at = b;
+    }
+    assert!(mid_piece >= 2, "{kept:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

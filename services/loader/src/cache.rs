@@ -411,8 +411,13 @@ fn holders_of(st: &State, key: &str) -> String {
     holders.join(", ")
 }
 
+/// Bytes a file takes on disk: a partial download is sparse (sized up front, filled by pieces
+/// in any order), so its length would overstate it.
 fn file_len(p: &Path) -> Option<u64> {
-    std::fs::metadata(p).ok().map(|m| m.len())
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| m.len().min(m.blocks() * 512))
 }
 
 /// Partial downloads (`*.part`) and their sizes.

@@ -8,6 +8,12 @@ use std::time::Duration;
 use crate::error::LoaderError;
 pub use llama_agent_common::options::parse_size;
 
+/// More connections than this is no longer "a few per file" but a load on the hub.
+const MAX_CONNECTIONS: u32 = 64;
+/// Each piece costs a request round trip: smaller ones would spend more time asking than
+/// receiving.
+const MIN_PART_SIZE: u64 = 64 << 10;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct LoaderConfig {
     /// Model cache directory (default ~/.cache/llama-loader).
@@ -29,6 +35,16 @@ pub struct LoaderConfig {
     /// Attempts per file before a download fails (each resumes where the last stopped).
     #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_ATTEMPTS", default_value_t = 8)]
     pub download_attempts: u32,
+
+    /// Connections per file: a large file is fetched as pieces over this many ranged requests
+    /// at once (1 = one stream, as a plain HTTP download).
+    #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_CONNECTIONS", default_value_t = 8)]
+    pub download_connections: u32,
+
+    /// Bytes per ranged request when a file is fetched over several connections; files under
+    /// two pieces use one connection (suffixes as --cache-max-size).
+    #[arg(long, env = "LLAMA_LOADER_DOWNLOAD_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub download_part_size: u64,
 
     /// Seconds without a byte before a transfer is dropped and resumed.
     #[arg(long, env = "LLAMA_LOADER_STALL_TIMEOUT", default_value_t = 30)]
@@ -65,6 +81,8 @@ impl LoaderConfig {
             hf_endpoint: hf_endpoint.into(),
             hf_token: None,
             download_attempts: 8,
+            download_connections: 8,
+            download_part_size: 16 << 20,
             stall_timeout_secs: 30,
             local_import: true,
         }
@@ -95,6 +113,18 @@ impl LoaderConfig {
         if self.download_attempts == 0 {
             return bad("--download-attempts must be at least 1".into());
         }
+        if !(1..=MAX_CONNECTIONS).contains(&self.download_connections) {
+            return bad(format!(
+                "--download-connections must be between 1 and {MAX_CONNECTIONS}, not {}",
+                self.download_connections
+            ));
+        }
+        if self.download_part_size < MIN_PART_SIZE {
+            return bad(format!(
+                "--download-part-size must be at least {MIN_PART_SIZE} bytes (64KiB), not {}",
+                self.download_part_size
+            ));
+        }
         if self.stall_timeout_secs == 0 {
             return bad("--stall-timeout-secs must be at least 1".into());
         }
@@ -108,4 +138,34 @@ pub fn default_cache_dir() -> Result<PathBuf, LoaderError> {
         LoaderError::InvalidArgument("HOME is not set; give --cache-dir or LLAMA_CACHE_DIR".into())
     })?;
     Ok(PathBuf::from(home).join(".cache").join("llama-loader"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_connections_and_part_size_are_bounded() {
+        let dir = std::env::temp_dir();
+        let with = |connections: u32, part: u64| {
+            let mut c = LoaderConfig::new(dir.clone(), "http://127.0.0.1:1");
+            c.download_connections = connections;
+            c.download_part_size = part;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(with(1, 64 << 10).is_ok());
+        assert!(with(64, 16 << 20).is_ok());
+        for (n, part) in [(0, 16 << 20), (65, 16 << 20)] {
+            let e = with(n, part).unwrap_err();
+            assert!(
+                e.contains("--download-connections must be between 1 and 64"),
+                "{e}"
+            );
+        }
+        let e = with(8, 1000).unwrap_err();
+        assert!(
+            e.contains("--download-part-size must be at least 65536"),
+            "{e}"
+        );
+    }
 }

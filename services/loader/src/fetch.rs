@@ -1,39 +1,43 @@
-//! Streams one remote file into a partial file: resumable with HTTP Range, MD5 and SHA-256
-//! computed in the same pass, verified before the caller publishes it.
+//! Downloads one remote file into a partial file over several ranged connections, resumable
+//! piece by piece; MD5 and SHA-256 are computed over the bytes in file order as the contiguous
+//! prefix grows, and checked before the caller publishes the file.
 //!
-//! The network side runs on the async runtime; a blocking writer thread writes while two more
-//! threads compute MD5 and SHA-256, so all four overlap.
+//! A hub connection is often capped far below the link, so a large file is cut into pieces
+//! (`--download-part-size`) that `--download-connections` connections take in file order, as
+//! hf_transfer does with its 10 MB chunks. In-order pieces keep the prefix growing steadily, so
+//! hashing keeps pace with the download instead of waiting for the end.
+
+mod extents;
+mod sink;
+mod transfer;
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc as std_mpsc;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::StreamExt;
 use md5::{Digest, Md5};
-use reqwest::header::{CONTENT_RANGE, IF_RANGE, RANGE};
-use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::sync::mpsc;
 
 use crate::error::{LoaderError, Result};
 use crate::hub::RemoteFile;
+pub use extents::Extents;
+use sink::Sink;
+use transfer::{Round, Stop};
 
-/// Chunks between the network and the writer. Hyper hands out chunks of up to a few hundred
-/// KiB, so 64 bounds the bytes in flight to a few MiB while absorbing disk hiccups.
-const WRITE_QUEUE_CHUNKS: usize = 64;
-/// Chunks between the writer and each hash thread; same reasoning.
-const HASH_QUEUE_CHUNKS: usize = 64;
-const IO_BLOCK: usize = 1 << 20;
+pub(crate) const IO_BLOCK: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct FetchOptions {
     pub max_attempts: u32,
     /// A transfer that delivers nothing for this long is dropped and resumed.
     pub stall_timeout: Duration,
+    /// Connections for one file.
+    pub connections: usize,
+    /// Bytes per ranged request; a file under two pieces uses one connection.
+    pub part_size: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -53,23 +57,30 @@ pub struct Digests {
 }
 
 /// Sidecar of a partial file: a resume only continues the same bytes.
-#[derive(Serialize, Deserialize, PartialEq, Eq, Debug)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, Debug)]
 pub struct PartMeta {
     pub url: String,
     pub size: u64,
     pub sha256: Option<String>,
+    /// Byte ranges on disk, fsynced before they were recorded. Absent in sidecars written
+    /// before parallel pieces, when the file's length was the done prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<Extents>,
+}
+
+impl PartMeta {
+    fn same_bytes(&self, other: &PartMeta) -> bool {
+        match (&self.sha256, &other.sha256) {
+            (Some(a), Some(b)) => a == b && self.size == other.size,
+            _ => self.url == other.url && self.size == other.size && self.sha256 == other.sha256,
+        }
+    }
 }
 
 pub fn meta_path(part: &Path) -> PathBuf {
     let mut p = part.as_os_str().to_owned();
     p.push(".json");
     PathBuf::from(p)
-}
-
-enum Chunk {
-    Data(Bytes),
-    /// The server ignored our Range: start the file again.
-    Restart,
 }
 
 /// Downloads `remote` into `part`, resuming what an earlier attempt (or process) left there.
@@ -81,63 +92,39 @@ pub async fn fetch(
     opts: &FetchOptions,
     on_progress: &(dyn Fn(FetchProgress) + Send + Sync),
 ) -> Result<Digests> {
-    let resume_from = prepare_part(remote, part)?;
-    let total = remote.size;
-    on_progress(FetchProgress {
-        bytes_done: resume_from,
-        bytes_total: total,
-        resumed_from: resume_from,
-        verifying: resume_from > 0,
-    });
-
-    let (tx, rx) = mpsc::channel(WRITE_QUEUE_CHUNKS);
-    let writer_path = part.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || write_loop(&writer_path, resume_from, rx));
-
-    let mut offset = resume_from;
-    let mut attempts = 0u32;
-    let mut last_error = String::new();
-    let outcome: Result<()> = loop {
-        if total > 0 && offset == total {
-            break Ok(());
-        }
-        if attempts >= opts.max_attempts {
-            break Err(LoaderError::Download {
-                file: remote.name.clone(),
-                attempts,
-                last: last_error,
-            });
-        }
-        if attempts > 0 {
-            let backoff = Duration::from_millis(200 * 2u64.pow(attempts.min(5)));
-            tracing::warn!(file = %remote.name, offset, attempts, error = %last_error, "download interrupted; resuming");
-            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
-        }
-        attempts += 1;
-        match transfer(
+    let mut on_disk = prepare_part(remote, part)?;
+    let mut one_connection = false;
+    let mut restarts = 0u32;
+    let digests = loop {
+        match round(
             client,
             remote,
-            &mut offset,
-            &tx,
+            part,
             opts,
-            resume_from,
+            on_disk,
+            one_connection,
             on_progress,
         )
-        .await
+        .await?
         {
-            Ok(Transfer::Complete) => break Ok(()),
-            Ok(Transfer::Retry(why)) => last_error = why,
-            Err(e) => break Err(e),
+            Ok(digests) => break digests,
+            Err(why) => {
+                restarts += 1;
+                if restarts > opts.max_attempts {
+                    return Err(LoaderError::Download {
+                        file: remote.name.clone(),
+                        attempts: restarts,
+                        last: why,
+                    });
+                }
+                tracing::warn!(file = %remote.name, why, "the hub did not serve the range; downloading again from zero on one connection");
+                on_disk = reset_part(remote, part)?;
+                one_connection = true;
+            }
         }
     };
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| LoaderError::io(part, std::io::Error::other(e)))?
-        .map_err(|e| LoaderError::io(part, e));
-    outcome?;
-    let digests = written?;
 
+    let total = remote.size;
     let mismatch = if total > 0 && digests.size != total {
         Some(format!("{} bytes, expected {total}", digests.size))
     } else {
@@ -158,249 +145,130 @@ pub async fn fetch(
     Ok(digests)
 }
 
-enum Transfer {
-    Complete,
-    Retry(String),
-}
-
-/// One HTTP request, from `offset` to the end or to the first failure.
-async fn transfer(
+/// Fetches every missing byte once: the digests, or why the hub's ranges cannot be trusted.
+async fn round(
     client: &reqwest::Client,
     remote: &RemoteFile,
-    offset: &mut u64,
-    tx: &mpsc::Sender<Chunk>,
+    part: &Path,
     opts: &FetchOptions,
-    resumed_from: u64,
+    on_disk: Extents,
+    one_connection: bool,
     on_progress: &(dyn Fn(FetchProgress) + Send + Sync),
-) -> Result<Transfer> {
-    let mut req = client.get(&remote.url);
-    if *offset > 0 {
-        req = req.header(RANGE, format!("bytes={offset}-"));
-        if let Some(sha) = &remote.sha256 {
-            // The hub's ETag of an LFS file is its SHA-256: a changed file restarts from zero.
-            req = req.header(IF_RANGE, format!("\"{sha}\""));
-        }
-    }
-    let response = match tokio::time::timeout(opts.stall_timeout, req.send()).await {
-        Err(_) => return Ok(Transfer::Retry("no response".into())),
-        Ok(Err(e)) => return Ok(Transfer::Retry(e.to_string())),
-        Ok(Ok(r)) => r,
+) -> Result<std::result::Result<Digests, String>> {
+    let total = remote.size;
+    let resumed_from = on_disk.total();
+    on_progress(FetchProgress {
+        bytes_done: resumed_from,
+        bytes_total: total,
+        resumed_from,
+        verifying: resumed_from > 0,
+    });
+    let parallel =
+        !one_connection && opts.connections > 1 && total >= opts.part_size.saturating_mul(2);
+    let piece = if parallel { opts.part_size } else { u64::MAX };
+    let queue = extents::pieces(&on_disk.missing(total), piece);
+    let connections = if parallel {
+        opts.connections.min(queue.len()).max(1)
+    } else {
+        1
     };
-    let status = response.status();
-    match status {
-        StatusCode::PARTIAL_CONTENT => {
-            let starts_at_offset = response
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok())
-                == Some(*offset);
-            if !starts_at_offset {
-                restart(tx, offset).await?;
-                return Ok(Transfer::Retry("server answered another range".into()));
-            }
-        }
-        StatusCode::OK => {
-            if *offset > 0 {
-                restart(tx, offset).await?;
-            }
-        }
-        StatusCode::RANGE_NOT_SATISFIABLE => {
-            restart(tx, offset).await?;
-            return Ok(Transfer::Retry("range not satisfiable".into()));
-        }
-        StatusCode::NOT_FOUND => {
-            return Err(LoaderError::FileNotFound(format!(
-                "{} is not on the hub ({})",
-                remote.name, remote.url
-            )))
-        }
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-            return Ok(Transfer::Retry(format!("hub answered {s}")))
-        }
-        s => return Err(LoaderError::Hub(format!("GET {} answered {s}", remote.url))),
-    }
-
-    let mut body = response.bytes_stream();
-    loop {
-        let next = match tokio::time::timeout(opts.stall_timeout, body.next()).await {
-            Err(_) => {
-                return Ok(Transfer::Retry(format!(
-                    "stalled for {:?}",
-                    opts.stall_timeout
-                )))
-            }
-            Ok(n) => n,
-        };
-        match next {
-            None if remote.size == 0 || *offset == remote.size => return Ok(Transfer::Complete),
-            None => {
-                return Ok(Transfer::Retry(format!(
-                    "connection closed at byte {offset}"
-                )))
-            }
-            Some(Err(e)) => return Ok(Transfer::Retry(e.to_string())),
-            Some(Ok(bytes)) => {
-                *offset += bytes.len() as u64;
-                crate::metrics::DOWNLOADED_BYTES.inc_by(bytes.len() as u64);
-                if remote.size > 0 && *offset > remote.size {
-                    return Err(LoaderError::Integrity {
-                        file: remote.name.clone(),
-                        detail: format!("hub sent more than the listed {} bytes", remote.size),
-                    });
-                }
-                send(tx, Chunk::Data(bytes)).await?;
-                on_progress(FetchProgress {
-                    bytes_done: *offset,
-                    bytes_total: remote.size,
-                    resumed_from,
-                    verifying: false,
-                });
-            }
-        }
+    let sink = Sink::start(part, want_meta(remote), on_disk)?;
+    let round = Round {
+        client,
+        remote,
+        opts,
+        queue: Mutex::new(queue),
+        tx: &sink.tx,
+        done: Mutex::new(resumed_from),
+        resumed_from,
+        on_progress,
+    };
+    // The first failure drops the other connections (their requests with them).
+    let outcome = futures::future::try_join_all((0..connections).map(|_| round.connection())).await;
+    drop(round);
+    let digests = sink.finish().await;
+    match (outcome, digests) {
+        // A disk error explains a "writer stopped" better than the network side can.
+        (_, Err(e)) => Err(e),
+        (Err(Stop::Fail(e)), _) => Err(e),
+        (Err(Stop::Restart(why)), _) => Ok(Err(why)),
+        (Ok(_), Ok(d)) => Ok(Ok(d)),
     }
 }
 
-async fn restart(tx: &mpsc::Sender<Chunk>, offset: &mut u64) -> Result<()> {
-    *offset = 0;
-    send(tx, Chunk::Restart).await
-}
-
-async fn send(tx: &mpsc::Sender<Chunk>, chunk: Chunk) -> Result<()> {
-    // The writer only hangs up when it failed; its own error is reported after the join.
-    tx.send(chunk)
-        .await
-        .map_err(|_| LoaderError::io("partial file", std::io::Error::other("writer stopped")))
-}
-
-/// Keeps a partial file whose sidecar describes the same remote bytes; starts afresh otherwise.
-/// Returns how many bytes are already there.
-fn prepare_part(remote: &RemoteFile, part: &Path) -> Result<u64> {
-    let want = PartMeta {
+fn want_meta(remote: &RemoteFile) -> PartMeta {
+    PartMeta {
         url: remote.url.clone(),
         size: remote.size,
         sha256: remote.sha256.clone(),
-    };
-    let meta = meta_path(part);
-    let existing: Option<PartMeta> = std::fs::read(&meta)
+        written: None,
+    }
+}
+
+/// Keeps a partial file whose sidecar describes the same remote bytes; starts afresh otherwise.
+/// Returns the bytes already there.
+fn prepare_part(remote: &RemoteFile, part: &Path) -> Result<Extents> {
+    let want = want_meta(remote);
+    let existing: Option<PartMeta> = std::fs::read(meta_path(part))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let same_bytes = existing.is_some_and(|m| match (&m.sha256, &want.sha256) {
-        (Some(a), Some(b)) => a == b && m.size == want.size,
-        _ => m == want,
-    });
-    if same_bytes {
-        if let Ok(md) = std::fs::metadata(part) {
-            if md.len() <= remote.size || remote.size == 0 {
-                return Ok(md.len());
+    if let (Some(m), Ok(md)) = (existing, std::fs::metadata(part)) {
+        if m.same_bytes(&want) {
+            let len = md.len();
+            let kept = match m.written {
+                Some(w) if w.fits(len) && (remote.size == 0 || len == remote.size) => Some(w),
+                // An older loader appended in order: the file's length was its progress.
+                None if remote.size == 0 || len <= remote.size => Some(Extents::prefix_of(len)),
+                _ => None,
+            };
+            if let Some(kept) = kept {
+                // Full size from here on, whoever wrote it: the sidecar, not the length, says
+                // what is there (so it is rewritten first).
+                if remote.size > 0 && len != remote.size {
+                    let meta = PartMeta {
+                        written: Some(kept.clone()),
+                        ..want.clone()
+                    };
+                    crate::store::write_atomic(
+                        &meta_path(part),
+                        &serde_json::to_vec(&meta).expect("plain struct"),
+                    )?;
+                    OpenOptions::new()
+                        .write(true)
+                        .open(part)
+                        .and_then(|f| f.set_len(remote.size))
+                        .map_err(|e| LoaderError::io(part, e))?;
+                }
+                return Ok(kept);
             }
         }
     }
+    reset_part(remote, part)
+}
+
+/// An empty partial file of the remote's size (sparse: it takes no room until written) and a
+/// sidecar saying nothing is there yet.
+fn reset_part(remote: &RemoteFile, part: &Path) -> Result<Extents> {
     if let Some(dir) = part.parent() {
         std::fs::create_dir_all(dir).map_err(|e| LoaderError::io(dir, e))?;
     }
-    File::create(part).map_err(|e| LoaderError::io(part, e))?;
-    crate::store::write_atomic(&meta, &serde_json::to_vec(&want).expect("plain struct"))?;
-    Ok(0)
+    File::create(part)
+        .and_then(|f| f.set_len(remote.size))
+        .map_err(|e| LoaderError::io(part, e))?;
+    let meta = PartMeta {
+        written: Some(Extents::default()),
+        ..want_meta(remote)
+    };
+    crate::store::write_atomic(
+        &meta_path(part),
+        &serde_json::to_vec(&meta).expect("plain struct"),
+    )?;
+    Ok(Extents::default())
 }
 
 pub fn discard_part(part: &Path) {
     let _ = std::fs::remove_file(part);
     let _ = std::fs::remove_file(meta_path(part));
-}
-
-enum HashMsg {
-    Data(Bytes),
-    Reset,
-}
-
-/// A hasher on its own thread: MD5 alone is ~600 MB/s on one core, so hashing and writing
-/// each get a thread and the slowest of them, not their sum, sets the pace.
-struct HashThread {
-    tx: std_mpsc::SyncSender<HashMsg>,
-    handle: std::thread::JoinHandle<String>,
-}
-
-impl HashThread {
-    fn spawn<D: Digest + Send + 'static>(name: &str) -> std::io::Result<Self> {
-        let (tx, rx) = std_mpsc::sync_channel::<HashMsg>(HASH_QUEUE_CHUNKS);
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let mut h = D::new();
-                for msg in rx {
-                    match msg {
-                        HashMsg::Data(b) => h.update(&b),
-                        HashMsg::Reset => h = D::new(),
-                    }
-                }
-                hex::encode(h.finalize())
-            })?;
-        Ok(Self { tx, handle })
-    }
-
-    fn send(&self, msg: HashMsg) -> std::io::Result<()> {
-        self.tx
-            .send(msg)
-            .map_err(|_| std::io::Error::other("hash thread stopped"))
-    }
-
-    fn finish(self) -> std::io::Result<String> {
-        drop(self.tx);
-        self.handle
-            .join()
-            .map_err(|_| std::io::Error::other("hash thread panicked"))
-    }
-}
-
-fn write_loop(
-    path: &Path,
-    resume_from: u64,
-    mut rx: mpsc::Receiver<Chunk>,
-) -> std::io::Result<Digests> {
-    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
-    file.set_len(resume_from)?;
-    let md5 = HashThread::spawn::<Md5>("loader-md5")?;
-    let sha = HashThread::spawn::<Sha256>("loader-sha256")?;
-    let both = |msg: &dyn Fn() -> HashMsg| -> std::io::Result<()> {
-        md5.send(msg())?;
-        sha.send(msg())
-    };
-
-    // A resumed download re-hashes the bytes already on disk first.
-    let mut len = 0u64;
-    file.seek(SeekFrom::Start(0))?;
-    while len < resume_from {
-        let mut block = vec![0u8; IO_BLOCK.min((resume_from - len) as usize)];
-        file.read_exact(&mut block)?;
-        len += block.len() as u64;
-        let block = Bytes::from(block);
-        both(&|| HashMsg::Data(block.clone()))?;
-    }
-
-    while let Some(chunk) = rx.blocking_recv() {
-        match chunk {
-            Chunk::Data(b) => {
-                both(&|| HashMsg::Data(b.clone()))?;
-                file.write_all(&b)?;
-                len += b.len() as u64;
-            }
-            Chunk::Restart => {
-                file.set_len(0)?;
-                file.seek(SeekFrom::Start(0))?;
-                len = 0;
-                both(&|| HashMsg::Reset)?;
-            }
-        }
-    }
-    file.sync_all()?;
-    Ok(Digests {
-        size: len,
-        md5: md5.finish()?,
-        sha256: sha.finish()?,
-    })
 }
 
 /// MD5 and SHA-256 of a file on disk, for verification.
@@ -436,4 +304,64 @@ fn hash_into(mut input: impl Read, mut out: impl Write) -> std::io::Result<Diges
         md5: hex::encode(md5.finalize()),
         sha256: hex::encode(sha.finalize()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(sha: &str) -> RemoteFile {
+        RemoteFile {
+            name: "m.gguf".into(),
+            url: "http://hub/m.gguf".into(),
+            size: 100,
+            sha256: Some(sha.into()),
+        }
+    }
+
+    fn write_meta(part: &Path, json: &str) {
+        std::fs::write(meta_path(part), json).unwrap();
+    }
+
+    #[test]
+    fn a_sidecar_keeps_only_what_it_vouches_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("tmp").join("x.part");
+        let r = remote("aa");
+
+        // Fresh: a sparse file of the full size and a sidecar that claims nothing.
+        assert_eq!(prepare_part(&r, &part).unwrap(), Extents::default());
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 100);
+
+        // Pieces recorded by this version resume as recorded.
+        let json =
+            r#"{"url":"http://other/m.gguf","size":100,"sha256":"aa","written":[[0,10],[40,60]]}"#;
+        write_meta(&part, json);
+        assert_eq!(
+            prepare_part(&r, &part).unwrap().ranges(),
+            [(0, 10), (40, 60)]
+        );
+
+        // Another file's bytes, or ranges no writer of ours records, start again.
+        write_meta(&part, &json.replace("\"aa\"", "\"bb\""));
+        assert_eq!(prepare_part(&r, &part).unwrap(), Extents::default());
+        write_meta(&part, &json.replace("[40,60]", "[5,60]"));
+        assert_eq!(prepare_part(&r, &part).unwrap(), Extents::default());
+        write_meta(&part, &json.replace("[40,60]", "[40,160]"));
+        assert_eq!(prepare_part(&r, &part).unwrap(), Extents::default());
+
+        // A sidecar from before pieces: the file was appended in order, its length the prefix.
+        std::fs::write(&part, [7u8; 30]).unwrap();
+        write_meta(
+            &part,
+            r#"{"url":"http://hub/m.gguf","size":100,"sha256":"aa"}"#,
+        );
+        assert_eq!(prepare_part(&r, &part).unwrap().ranges(), [(0, 30)]);
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 100);
+        assert_eq!(
+            prepare_part(&r, &part).unwrap().ranges(),
+            [(0, 30)],
+            "and says so now"
+        );
+    }
 }

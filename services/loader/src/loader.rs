@@ -117,6 +117,8 @@ impl Loader {
             fetch: FetchOptions {
                 max_attempts: config.download_attempts,
                 stall_timeout: config.stall_timeout(),
+                connections: config.download_connections as usize,
+                part_size: config.download_part_size,
             },
             local_import: config.local_import,
             flights: Mutex::new(HashMap::new()),

@@ -1,9 +1,12 @@
 //! Loader benchmark, side by side with curl in one run (see BENCHMARKS.md):
 //! - cold pull throughput from the loopback hub mirror: `llama-loader` EnsureModel (MD5 and
 //!   SHA-256 in the same pass, fsync, atomic publish) against `curl -o` of the same file;
-//! - cache-hit EnsureModel latency over gRPC.
+//! - cache-hit EnsureModel latency over gRPC;
+//! - with `--throttle BYTES_PER_SEC`, instead: cold pulls over a mirror that paces every
+//!   response (so every connection) to that rate, one connection against
+//!   `--connections N`, taking turns.
 //!
-//! Usage: bench-loader [--runs N] [--hits N] [--model PATH]
+//! Usage: bench-loader [--runs N] [--hits N] [--model PATH] [--throttle B/S [--connections N]]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,6 +28,12 @@ struct Args {
     /// File to serve (default: the Gemma 3 270M test model).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Pace each mirror response to this many bytes a second and compare connection counts.
+    #[arg(long)]
+    throttle: Option<u64>,
+    /// Connections of the parallel side with --throttle.
+    #[arg(long, default_value_t = 8)]
+    connections: u32,
 }
 
 const REPO: &str = "bench/model-GGUF";
@@ -40,6 +49,9 @@ async fn main() -> anyhow::Result<()> {
         .context("file name")?
         .to_string();
     let size = std::fs::metadata(&file)?.len();
+    if let Some(rate) = args.throttle {
+        return parallel_parts(&args, &file, &name, size, rate).await;
+    }
 
     let mirror = MirrorProcess::spawn(REPO, &file)?;
     let base = mirror.base_url.clone();
@@ -125,6 +137,78 @@ async fn main() -> anyhow::Result<()> {
         ms(pct(0.5)),
         ms(pct(0.9)),
         ms(pct(0.99))
+    );
+    Ok(())
+}
+
+/// One connection against several over a per-connection throttle: the case parallel pieces
+/// exist for (hub connections are capped far below the link).
+async fn parallel_parts(
+    args: &Args,
+    file: &std::path::Path,
+    name: &str,
+    size: u64,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let mirror = MirrorProcess::spawn_with(REPO, file, &["--bytes-per-sec", &rate.to_string()])?;
+    let work = tempfile::tempdir()?;
+    let many = args.connections.to_string();
+    let sides = [("1", "1".to_string()), ("N", many)];
+    let mut loaders = Vec::new();
+    for (label, n) in &sides {
+        let cache = work.path().join(format!("cache-{label}"));
+        let loader =
+            LoaderProcess::spawn(&cache, &mirror.base_url, &["--download-connections", n])?;
+        loaders.push(loader);
+    }
+    let reference = format!("{REPO}/{name}");
+    let req = EnsureModelRequest {
+        model: reference.clone(),
+        ..Default::default()
+    };
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..args.runs {
+        // Alternate which side goes first, so drift hits both alike.
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let client = loaders[side].client();
+            let t = Instant::now();
+            let done = client.ensure(req.clone(), |_| {}).await?;
+            times[side].push(t.elapsed());
+            if done.cache_hit || done.model.size_bytes != size {
+                bail!("expected a cold download");
+            }
+            client.evict_model(&reference, false).await?;
+        }
+    }
+    let mb = |d: Duration| size as f64 / d.as_secs_f64() / 1e6;
+    println!(
+        "file: {name} ({size} bytes), mirror paced to {rate} B/s per response, {} cold runs each, alternating",
+        args.runs
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "cold pull (paced mirror)", "median", "best", "MB/s"
+    );
+    let mut medians = Vec::new();
+    for (side, label) in [
+        (0, "1 connection".to_string()),
+        (1, format!("{} connections", args.connections)),
+    ] {
+        let med = median(&mut times[side]);
+        medians.push(med);
+        println!(
+            "{:<34} {:>8.0}ms {:>8.0}ms {:>10.1}",
+            label,
+            ms(med),
+            ms(times[side][0]),
+            mb(med)
+        );
+    }
+    println!(
+        "speed-up {} connections / 1: {:.2}x (target >= 4x with 8)",
+        args.connections,
+        medians[0].as_secs_f64() / medians[1].as_secs_f64()
     );
     Ok(())
 }

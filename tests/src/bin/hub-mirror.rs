@@ -18,8 +18,8 @@ use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpe
         /acme/tiny/resolve/main/tiny-Q4_K_M.gguf and .../tiny-Q8_0.gguf. \
         Repeating --repo with the same id adds files to it.\n\n\
         Fault flags apply from the first request, to --fault-file or else to every file. \
-        At run time: POST /_mirror/faults {\"file\": NAME?, \"drop_after\": N?, \"corrupt\": BOOL?, \
-        \"bytes_per_sec\": N?, \"fail_status\": CODE?, \"times\": K?}, DELETE /_mirror/faults; \
+        At run time: POST /_mirror/faults {\"file\": NAME?, \"drop_after\": N?, \"stall_after\": N?, \"corrupt\": BOOL?, \
+        \"bytes_per_sec\": N?, \"ignore_range\": BOOL?, \"fail_status\": CODE?, \"times\": K?}, DELETE /_mirror/faults; \
         counters: GET /_mirror/stats (DELETE resets). The control paths need no token."
 )]
 struct Args {
@@ -38,12 +38,18 @@ struct Args {
     /// Close the connection after N body bytes of each faulted response.
     #[arg(long, value_name = "N")]
     drop_after: Option<u64>,
+    /// Send N body bytes of each faulted response, then hold the connection open silently.
+    #[arg(long, value_name = "N")]
+    stall_after: Option<u64>,
     /// Flip bits in faulted responses (same length, wrong SHA-256).
     #[arg(long)]
     corrupt: bool,
     /// Throttle faulted response bodies to about N bytes per second.
     #[arg(long, value_name = "N")]
     bytes_per_sec: Option<u64>,
+    /// Answer faulted ranged GETs with 200 and the whole file (no Range support).
+    #[arg(long)]
+    ignore_range: bool,
     /// Answer faulted resolve GETs with this HTTP status instead.
     #[arg(long, value_name = "CODE")]
     fail_status: Option<u16>,
@@ -80,8 +86,10 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let fault = Fault {
         drop_after: args.drop_after,
+        stall_after: args.stall_after,
         corrupt: args.corrupt,
         bytes_per_sec: args.bytes_per_sec,
+        ignore_range: args.ignore_range,
         fail_status: args.fail_status,
         times: args.fault_times,
     };

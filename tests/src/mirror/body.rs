@@ -44,6 +44,8 @@ pub(crate) fn stream(
         let (tx, mut rx) = mpsc::channel(READ_AHEAD);
         tokio::task::spawn_blocking(move || read_span(path, start, len, tx));
         let limit = fault.drop_after.filter(|&n| n < len);
+        let stall = fault.stall_after.filter(|&n| n < len);
+        let cut = limit.into_iter().chain(stall).min();
         let mut pace = fault.bytes_per_sec.filter(|&r| r > 0).map(Pacer::new);
         let mut sent = 0u64;
         while let Some(block) = rx.recv().await {
@@ -52,8 +54,8 @@ pub(crate) fn stream(
                 block[0] = !block[0];
             }
             let mut block = Bytes::from(block);
-            if let Some(limit) = limit {
-                block.truncate(usize::try_from(limit - sent).unwrap_or(usize::MAX));
+            if let Some(cut) = cut {
+                block.truncate(usize::try_from(cut - sent).unwrap_or(usize::MAX));
             }
             while !block.is_empty() {
                 let piece = match pace.as_mut() {
@@ -67,6 +69,10 @@ pub(crate) fn stream(
                 sent += piece.len() as u64;
                 on_sent(piece.len() as u64);
                 yield piece;
+            }
+            if stall == Some(sent) {
+                // Headers and bytes went out; nothing else will until the client hangs up.
+                std::future::pending::<()>().await;
             }
             if limit == Some(sent) {
                 // Let hyper flush what it has, then fail the body: hyper closes the connection

@@ -13,11 +13,17 @@ pub struct Fault {
     /// Close the connection after this many body bytes of the response (the headers promised
     /// the full length, so the client sees a truncated body and resumes with `Range`).
     pub drop_after: Option<u64>,
+    /// Send this many body bytes, then nothing more while holding the connection open: a
+    /// stalled transfer, which the client must give up on by itself.
+    pub stall_after: Option<u64>,
     /// Invert the first byte of every 1 MiB block of the body (block 0 starts at the response's
     /// first byte): same length, different SHA-256.
     pub corrupt: bool,
     /// Pace the body to about this rate.
     pub bytes_per_sec: Option<u64>,
+    /// Answer a ranged GET with 200 and the whole file, as a server without Range support does
+    /// (and as an If-Range miss on a changed file looks to the client).
+    pub ignore_range: bool,
     /// Answer this status (with an empty JSON error) instead of the file.
     pub fail_status: Option<u16>,
     /// How many resolve GETs the fault applies to before it lifts itself; 0 = until replaced.
@@ -28,6 +34,13 @@ impl Fault {
     pub fn drop_after(bytes: u64) -> Self {
         Self {
             drop_after: Some(bytes),
+            ..Self::default()
+        }
+    }
+
+    pub fn stall_after(bytes: u64) -> Self {
+        Self {
+            stall_after: Some(bytes),
             ..Self::default()
         }
     }
@@ -46,6 +59,13 @@ impl Fault {
         }
     }
 
+    pub fn ignore_range() -> Self {
+        Self {
+            ignore_range: true,
+            ..Self::default()
+        }
+    }
+
     pub fn status(status: u16) -> Self {
         Self {
             fail_status: Some(status),
@@ -60,8 +80,10 @@ impl Fault {
 
     fn is_noop(&self) -> bool {
         self.drop_after.is_none()
+            && self.stall_after.is_none()
             && !self.corrupt
             && self.bytes_per_sec.is_none()
+            && !self.ignore_range
             && self.fail_status.is_none()
     }
 }

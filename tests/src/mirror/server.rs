@@ -187,6 +187,7 @@ fn resolve(
         .header("x-linked-size", total)
         .header(ACCEPT_RANGES, "bytes")
         .header(CONTENT_TYPE, "application/octet-stream");
+    let range_header = range_header.filter(|_| !fault.as_ref().is_some_and(|f| f.ignore_range));
     let (start, len) = match range::span(range_header, header(IF_RANGE), &etag, total) {
         Span::Full => {
             builder = builder.status(StatusCode::OK);
@@ -219,13 +220,42 @@ fn resolve(
     };
     let counter = Arc::clone(state);
     let name = name.to_string();
+    let sending = Sending::start(Arc::clone(state), name.clone());
     let stream = body::stream(plan, move |n| {
+        // The stream owns the guard: the body counts as in flight until hyper drops it.
+        let _sending = &sending;
         let mut stats = counter.stats.lock().unwrap();
         stats.body_bytes += n;
         stats.file(&name).body_bytes += n;
     });
     let body = StreamBody::new(stream.map_ok(Frame::data));
     builder.body(BodyExt::boxed_unsync(body)).unwrap()
+}
+
+/// A GET body being sent, counted in the file's `in_flight` until dropped.
+struct Sending {
+    state: Arc<State>,
+    name: String,
+}
+
+impl Sending {
+    fn start(state: Arc<State>, name: String) -> Self {
+        {
+            let mut stats = state.stats.lock().unwrap();
+            let s = stats.file(&name);
+            s.in_flight += 1;
+            s.peak_in_flight = s.peak_in_flight.max(s.in_flight);
+        }
+        Self { state, name }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let mut stats = self.state.stats.lock().unwrap();
+        let s = stats.file(&self.name);
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
 }
 
 /// Body of `POST /_mirror/faults`: the fault's fields plus an optional `file` scope.

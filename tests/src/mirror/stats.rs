@@ -17,6 +17,10 @@ pub struct FileStats {
     pub body_bytes: u64,
     /// Every `Range` header value seen on GETs, in arrival order (e.g. `"bytes=1048576-"`).
     pub ranges: Vec<String>,
+    /// GET bodies being sent now, and the most at once: proof that a client's ranged
+    /// requests really ran in parallel.
+    pub in_flight: u64,
+    pub peak_in_flight: u64,
 }
 
 impl FileStats {

@@ -122,3 +122,39 @@ async fn reset_stats_zeroes_counters() {
     m.reset_stats();
     assert_eq!(m.stats(), Default::default());
 }
+
+#[tokio::test]
+async fn ignore_range_answers_the_whole_file() {
+    let m = mirror().await;
+    m.set_faults(FaultScope::file(MODEL), Fault::ignore_range().times(1));
+    let client = reqwest::Client::new();
+    let get = || {
+        client
+            .get(url(&m, "main", MODEL))
+            .header(RANGE, "bytes=100-199")
+            .send()
+    };
+    let whole = get().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(drain(whole).await, (model_bytes(), false));
+    let ranged = get().await.unwrap();
+    assert_eq!(ranged.status(), 206, "the fault was for one response only");
+    assert_eq!(drain(ranged).await.0, model_bytes()[100..200]);
+    let s = m.file_stats(MODEL);
+    assert_eq!(s.ranges, ["bytes=100-199", "bytes=100-199"]);
+}
+
+#[tokio::test]
+async fn bodies_in_flight_are_counted_with_their_peak() {
+    let m = mirror().await;
+    let client = reqwest::Client::new();
+    let (a, b) = tokio::join!(
+        client.get(url(&m, "main", MODEL)).send(),
+        client.get(url(&m, "main", MODEL)).send()
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let s = m.file_stats(MODEL);
+    assert_eq!((s.in_flight, s.peak_in_flight), (2, 2));
+    assert_eq!(drain(a).await.0, model_bytes());
+    assert_eq!(drain(b).await.0, model_bytes());
+}
