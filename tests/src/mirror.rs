@@ -34,7 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use faults::{Fault, FaultScope};
 pub use repo::{FileInfo, FileSource, RepoInfo, RepoSpec};
-pub use stats::{FileStats, MirrorStats};
+pub use stats::{parse_range, FileStats, MirrorStats};
 
 use faults::FaultTable;
 use repo::Repo;

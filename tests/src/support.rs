@@ -587,3 +587,13 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The median of benchmark timings (sorts them).
+pub fn median(v: &mut [std::time::Duration]) -> std::time::Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

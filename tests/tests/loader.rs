@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use llama_agent_client::proto::loader::v1 as pb;
 use llama_agent_client::{ClientError, LoaderClient};
-use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpec};
+use llama_agent_tests::mirror::{parse_range, Fault, FaultScope, Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{fake_gguf, model, model_md5, InProcessLoader, GEMMA_FILE};
 use llama_loader::LoaderConfig;
 use tonic::Code;
@@ -223,17 +223,6 @@ async fn dropped_connections_resume_and_corrupt_transfers_are_refetched() {
 
 /// Pieces of this size make the 253 MB model 61 ranged requests over 8 connections.
 const PIECE: u64 = 4 << 20;
-
-/// `bytes=A-B` or `bytes=A-` → (A, B + 1 or `size`).
-fn parse_range(r: &str, size: u64) -> (u64, u64) {
-    let (a, b) = r.strip_prefix("bytes=").unwrap().split_once('-').unwrap();
-    let end = if b.is_empty() {
-        size
-    } else {
-        b.parse::<u64>().unwrap() + 1
-    };
-    (a.parse().unwrap(), end)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pieces_run_in_parallel_and_resume_each_on_its_own() {

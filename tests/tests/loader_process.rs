@@ -6,7 +6,7 @@ use std::process::Command;
 
 use futures::StreamExt;
 use llama_agent_client::proto::loader::v1::{self as pb, ensure_model_response::Event};
-use llama_agent_tests::mirror::{Fault, FaultScope, Mirror, MirrorConfig, RepoSpec};
+use llama_agent_tests::mirror::{parse_range, Fault, FaultScope, Mirror, MirrorConfig, RepoSpec};
 use llama_agent_tests::support::{
     grpcurl, model, model_md5, run_ok, workspace_command, LoaderProcess, GEMMA_FILE,
 };
@@ -40,17 +40,6 @@ fn recorded(part: &Path) -> Vec<(u64, u64)> {
     meta.push(".json");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
     serde_json::from_value(meta["written"].clone()).unwrap()
-}
-
-/// `bytes=A-B` or `bytes=A-` → (A, B + 1 or `size`).
-fn parse_range(r: &str, size: u64) -> (u64, u64) {
-    let (a, b) = r.strip_prefix("bytes=").unwrap().split_once('-').unwrap();
-    let end = if b.is_empty() {
-        size
-    } else {
-        b.parse::<u64>().unwrap() + 1
-    };
-    (a.parse().unwrap(), end)
 }
 
 /// Starts a pull on a fresh `llama-loader` and kills it -9 once `kill_at` bytes are in; the

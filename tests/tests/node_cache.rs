@@ -74,7 +74,13 @@ impl Loader {
 
 /// An embedder on "another node": the loader's cache directory is hidden from it.
 fn embedder(loader: &Loader, cache_dir: &Path, max_size: u64) -> ServiceProcess {
-    let args = [
+    let args = embedder_args(loader, cache_dir, max_size);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ServiceProcess::spawn_hiding("llama-embedder", loader.cache.path(), &args, &[]).unwrap()
+}
+
+fn embedder_args(loader: &Loader, cache_dir: &Path, max_size: u64) -> Vec<String> {
+    [
         "--loader-endpoint",
         &loader.url(),
         "--threads",
@@ -85,8 +91,9 @@ fn embedder(loader: &Loader, cache_dir: &Path, max_size: u64) -> ServiceProcess 
         &cache_dir.display().to_string(),
         "--model-cache-max-size",
         &max_size.to_string(),
-    ];
-    ServiceProcess::spawn_hiding("llama-embedder", loader.cache.path(), &args, &[]).unwrap()
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn client(e: &ServiceProcess) -> EmbedderClient {
@@ -156,16 +163,8 @@ fn md5_of(path: &Path) -> String {
 /// Vectors from an embedder that opens the loader's own file (a shared volume).
 async fn reference_vectors(loader: &Loader, repo: &str) -> Vec<f32> {
     let shared = tempfile::tempdir().unwrap();
-    let args = [
-        "--loader-endpoint",
-        &loader.url(),
-        "--threads",
-        "1",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--model-cache-dir",
-        &shared.path().display().to_string(),
-    ];
+    let args = embedder_args(loader, shared.path(), 20_000_000_000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let e = ServiceProcess::spawn("llama-embedder", &args).unwrap();
     let v = embed(&e, repo).await.unwrap();
     // It saw the loader's file: nothing was streamed, nothing copied.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use llama_agent_client::proto::loader::v1::EnsureModelRequest;
-use llama_agent_tests::support::{model, LoaderProcess, MirrorProcess, GEMMA_FILE};
+use llama_agent_tests::support::{median, model, ms, LoaderProcess, MirrorProcess, GEMMA_FILE};
 
 #[derive(Parser)]
 struct Args {
@@ -211,13 +211,4 @@ async fn parallel_parts(
         medians[0].as_secs_f64() / medians[1].as_secs_f64()
     );
     Ok(())
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use llama_agent_client::proto::loader::v1::EnsureModelRequest;
 use llama_agent_models::node_cache::{NodeCache, NodeCacheConfig, Plan};
-use llama_agent_tests::support::{model, LoaderProcess, MirrorProcess, GEMMA_FILE};
+use llama_agent_tests::support::{median, model, ms, LoaderProcess, MirrorProcess, GEMMA_FILE};
 
 #[derive(Parser)]
 struct Args {
@@ -151,13 +151,4 @@ fn copy(src: &std::path::Path, dest: &std::path::Path, sync: bool) -> anyhow::Re
         bail!("sync failed");
     }
     Ok(())
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

@@ -46,3 +46,15 @@ impl MirrorStats {
         self.files.entry(name.to_string()).or_default()
     }
 }
+
+/// A Range the mirror recorded (`FileStats::ranges`), `bytes=A-B` or `bytes=A-`, as
+/// (A, B + 1 or `size`).
+pub fn parse_range(r: &str, size: u64) -> (u64, u64) {
+    let (a, b) = r.strip_prefix("bytes=").unwrap().split_once('-').unwrap();
+    let end = if b.is_empty() {
+        size
+    } else {
+        b.parse::<u64>().unwrap() + 1
+    };
+    (a.parse().unwrap(), end)
+}
