@@ -92,8 +92,11 @@ impl Layout {
         for d in DIRS {
             fs::create_dir_all(root.join(d))?;
         }
-        // Writable, checked now rather than at the first model.
-        let probe = root.join("locks").join(".probe");
+        // Writable, checked now rather than at the first model. The name is this process's:
+        // processes sharing the directory (a hostPath cache) start at the same time.
+        let probe = root
+            .join("locks")
+            .join(format!(".probe-{}", std::process::id()));
         File::create(&probe)?;
         fs::remove_file(&probe)?;
         let layout = Self {
@@ -202,7 +205,13 @@ impl Layout {
             .trash_dir()
             .join(format!("{}-{nanos}", name.unwrap_or_default()));
         fs::rename(dir, &trash).map_err(|e| NodeCacheError::io(dir, e))?;
-        fs::remove_dir_all(&trash).map_err(|e| NodeCacheError::io(&trash, e))
+        // A process starting on the same directory empties trash/ too: gone is done.
+        match fs::remove_dir_all(&trash) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(NodeCacheError::io(&trash, e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Copies on disk (published and partial): id, directory, bytes, last use.
